@@ -1,0 +1,5 @@
+"""`python -m vdeploy`."""
+
+from vdeploy.cli import main
+
+main()

@@ -1,0 +1,125 @@
+"""The command line: parse, call one function, render. Heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vdeploy.errors import VdeployError
+
+app = typer.Typer(
+    name="vdeploy",
+    help="Declarative, locked, reproducible vLLM deployments.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Pretty exceptions print local variables, which can hold a token.
+    pretty_exceptions_enable=False,
+)
+
+ManifestArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="The manifest, or a folder holding vdeploy.toml.", show_default="./vdeploy.toml"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def say(line: str = "") -> None:
+    typer.echo(line, err=True)
+
+
+def emit_json(value: object) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@app.command()
+def lock(
+    manifest: ManifestArg = None,
+    update: Annotated[bool, typer.Option("--update", help="Move every source to its revision's newest commit.")] = False,
+) -> None:
+    """Resolve the manifest against the Hub and write vdeploy.lock beside it."""
+    from vdeploy.locking import lock_manifest
+    from vdeploy.manifest import load_manifest
+
+    loaded = load_manifest(manifest)
+    outcome = lock_manifest(loaded, update=update)
+    for line in outcome.moved:
+        say(f"moved {line}")
+    if update and not outcome.moved:
+        say("no source moved")
+    state = "wrote" if outcome.written else "up to date:"
+    files = sum(len(s.files) for s in outcome.lock.sources)
+    say(f"{state} {loaded.lock_path} ({files} files, deployment {outcome.lock.deployment[:16]})")
+
+
+@app.command()
+def fetch(manifest: ManifestArg = None) -> None:
+    """Download the locked files into the store, each checked against its sha256."""
+    from vdeploy.locking import check_lock_is_current
+    from vdeploy.manifest import load_manifest
+    from vdeploy.store import Store, fetch as fetch_files
+
+    loaded = load_manifest(manifest)
+    current = check_lock_is_current(loaded)
+    store = Store(loaded.store_path())
+    report = fetch_files(
+        current.sources,
+        store,
+        current.chat_template,
+        loaded.chat_template.read() if loaded.chat_template else None,
+        {s.role: s.path for s in loaded.sources if s.is_local},
+        say=say,
+    )
+    say(
+        f"store {store.root}: {report.downloaded} downloaded ({report.downloaded_bytes} bytes), "
+        f"{report.reused} reused, {report.imported} imported, {report.present} already present"
+    )
+
+
+@app.command()
+def verify(
+    manifest: ManifestArg = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-hash every file, ignoring recorded fingerprints.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the store against the lock: missing, extra and mismatching files."""
+    from vdeploy.lockfile import read_lock
+    from vdeploy.manifest import load_manifest
+    from vdeploy.store import Store, verify as verify_store
+
+    loaded = load_manifest(manifest)
+    report = verify_store(read_lock(loaded.lock_path), Store(loaded.store_path()), full=full)
+    if as_json:
+        emit_json({
+            "ok": report.ok, "checked": report.checked, "missing": report.missing,
+            "mismatched": report.mismatched, "extra": report.extra,
+        })
+    else:
+        for problem in report.problems():
+            say(problem)
+        mode = "full" if full else "fast"
+        verdict = "ok" if report.ok else f"{len(report.problems())} problem(s); run `vdeploy fetch`"
+        say(f"verify ({mode}): {report.checked} files: {verdict}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: a VdeployError becomes one red line and exit code 1."""
+    try:
+        app()
+    except VdeployError as exc:
+        if os.environ.get("VDEPLOY_DEBUG"):
+            raise
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

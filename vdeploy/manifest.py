@@ -1,0 +1,395 @@
+"""Step 1 of the flow: read vdeploy.toml into a checked, frozen Manifest (no network, no vLLM)."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vdeploy.errors import ManifestError
+
+MANIFEST_NAME = "vdeploy.toml"
+LOCK_NAME = "vdeploy.lock"
+
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+# What git refuses in a branch or tag name (git check-ref-format), plus whitespace.
+BAD_REF_RE = re.compile(r"(\.\.|[\x00-\x20\x7f~^:?*\[\\]|@\{|^[/.-]|/$|\.lock$|//|\.$)")
+
+# Flags vdeploy sets itself from the lock; in [serve] they would bypass the pinning.
+OWNED_FLAGS = {
+    "model": "[model] repo or path",
+    "tokenizer": "[tokenizer]",
+    "revision": "[model] revision",
+    "tokenizer-revision": "[tokenizer] revision",
+    "code-revision": "[model] revision (code is pinned with the model)",
+    "download-dir": "[store] download-dir",
+    "seed": "[runtime] seed",
+    "chat-template": "[chat-template]",
+    "trust-remote-code": "[policy] trust-remote-code",
+}
+
+# Flags that change how the server is reached or logged, never what it answers: recorded,
+# kept out of the deployment id, and overridable at `up` time.
+OPERATIONAL_FLAGS = frozenset({
+    "host", "port", "uds", "api-key", "ssl-keyfile", "ssl-certfile", "ssl-ca-certs",
+    "ssl-cert-reqs", "allowed-origins", "allowed-methods", "allowed-headers",
+    "allow-credentials", "enable-log-requests", "enable-log-outputs", "disable-log-stats",
+    "uvicorn-log-level", "root-path", "disable-uvicorn-access-log", "enable-ssl-refresh",
+    "disable-fastapi-docs", "max-log-len",
+})
+
+SOURCE_KEYS = ("repo", "path", "revision", "include")
+TABLE_KEYS: dict[str, tuple[str, ...] | None] = {
+    "model": SOURCE_KEYS,
+    "tokenizer": SOURCE_KEYS,
+    "chat-template": ("file", "text"),
+    "serve": None,  # any flag; checked against the engine's catalogue elsewhere
+    "runtime": ("seed", "env", "engine"),
+    "policy": ("trust-remote-code", "allow-pickle"),
+    "store": ("download-dir",),
+}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where model (or tokenizer) files come from: a Hub repo at a revision, or a local folder."""
+
+    role: str  # "model" or "tokenizer"
+    repo: str | None = None
+    path: Path | None = None  # absolute, resolved against the manifest's folder
+    path_as_written: str | None = None
+    revision: str = "main"
+    include: tuple[str, ...] = ()
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+    def requested(self) -> dict[str, Any]:
+        """The manifest's own words for this source, as the lock records them."""
+        wanted: dict[str, Any] = {}
+        if self.repo is not None:
+            wanted["repo"] = self.repo
+            wanted["revision"] = self.revision
+        else:
+            wanted["path"] = self.path_as_written
+        if self.include:
+            wanted["include"] = list(self.include)
+        return wanted
+
+
+@dataclass(frozen=True)
+class ChatTemplateSpec:
+    file: Path | None = None  # absolute, resolved against the manifest's folder
+    file_as_written: str | None = None
+    text: str | None = None
+
+    def read(self) -> bytes:
+        if self.text is not None:
+            return self.text.encode()
+        assert self.file is not None
+        return self.file.read_bytes()
+
+
+@dataclass(frozen=True)
+class Policy:
+    trust_remote_code: bool | str = False  # False or "pinned"
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path  # the manifest file, absolute
+    model: SourceSpec
+    tokenizer: SourceSpec | None = None
+    chat_template: ChatTemplateSpec | None = None
+    serve: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    engine: str | None = None
+    policy: Policy = Policy()
+    download_dir: str | None = None  # as written; see store_path()
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / LOCK_NAME
+
+    @property
+    def sources(self) -> list[SourceSpec]:
+        return [s for s in (self.model, self.tokenizer) if s is not None]
+
+    def store_path(self) -> Path:
+        """The store folder: the manifest's download-dir, else the Hugging Face cache."""
+        if self.download_dir is not None:
+            return (self.folder / os.path.expanduser(self.download_dir)).resolve()
+        return default_hf_cache()
+
+    def inputs(self) -> dict[str, Any]:
+        """Everything the lock is a function of, in the manifest's own terms (for staleness)."""
+        inputs: dict[str, Any] = {"model": self.model.requested()}
+        if self.tokenizer is not None:
+            inputs["tokenizer"] = self.tokenizer.requested()
+        if self.chat_template is not None:
+            inputs["chat-template"] = {"sha256": sha256_hex(self.chat_template.read())}
+        inputs["serve"] = dict(sorted(self.serve.items()))
+        inputs["runtime"] = {"seed": self.seed, "env": dict(sorted(self.env.items()))}
+        if self.engine is not None:
+            inputs["runtime"]["engine"] = self.engine
+        inputs["policy"] = {
+            "trust-remote-code": self.policy.trust_remote_code,
+            "allow-pickle": self.policy.allow_pickle,
+        }
+        return inputs
+
+    def inputs_hash(self) -> str:
+        return sha256_hex(canonical_json(self.inputs()))
+
+
+def default_hf_cache() -> Path:
+    """The Hugging Face hub cache, found the way huggingface_hub finds it (without importing it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser().resolve()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return (Path(home).expanduser() / "hub").resolve()
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def find_manifest(arg: str | os.PathLike[str] | None) -> Path:
+    """A manifest argument: a file, or a folder holding vdeploy.toml (default: the current one)."""
+    candidate = Path(arg) if arg is not None else Path(MANIFEST_NAME)
+    if candidate.is_dir():
+        candidate = candidate / MANIFEST_NAME
+    if not candidate.is_file():
+        raise ManifestError(
+            f"{candidate}: no manifest here; write one (see `vdeploy init --help`) or pass its path"
+        )
+    return candidate.resolve()
+
+
+def load_manifest(arg: str | os.PathLike[str] | None = None) -> Manifest:
+    path = find_manifest(arg)
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from None
+    return parse_manifest(data, path, text)
+
+
+def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest:
+    """Check the parsed TOML strictly and build the Manifest. Pure, apart from chat-template stat."""
+    check = _Checker(path, text)
+    for table, value in data.items():
+        if table not in TABLE_KEYS:
+            check.fail(table, None, f"unknown table [{table}]", check.suggest(table, TABLE_KEYS))
+        if not isinstance(value, dict):
+            check.fail(table, None, f"'{table}' must be a table: [{table}]")
+        allowed = TABLE_KEYS[table]
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    check.fail(table, key, "unknown key", check.suggest(key, allowed))
+
+    if "model" not in data:
+        check.fail(None, None, "missing [model] table", "add [model] with repo = \"org/name\" or path = \"./folder\"")
+    model = _parse_source(check, "model", data["model"])
+    tokenizer = _parse_source(check, "tokenizer", data["tokenizer"]) if "tokenizer" in data else None
+    chat_template = _parse_chat_template(check, data.get("chat-template"))
+    serve = _parse_serve(check, data.get("serve", {}))
+
+    runtime = data.get("runtime", {})
+    seed = runtime.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        check.fail("runtime", "seed", f"must be a non-negative integer, not {seed!r}")
+    env = runtime.get("env", {})
+    if not isinstance(env, dict):
+        check.fail("runtime", "env", "must be a table of NAME = \"value\"")
+    for name, value in env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            check.fail("runtime", "env", f"'{name}' is not an environment variable name")
+        if not isinstance(value, str):
+            check.fail("runtime", "env", f"{name} must be a string, not {value!r}", f'write {name} = "{value}"')
+    engine = runtime.get("engine")
+    if engine is not None and (
+        not isinstance(engine, str) or not re.fullmatch(r"[A-Za-z0-9._-]+==[0-9][A-Za-z0-9.+!-]*", engine)
+    ):
+        check.fail("runtime", "engine", f"must name an exact version like \"vllm==0.32.0\", not {engine!r}")
+
+    policy_table = data.get("policy", {})
+    trust = policy_table.get("trust-remote-code", False)
+    if trust not in (False, "pinned"):
+        check.fail("policy", "trust-remote-code", f"must be false or \"pinned\", not {trust!r}")
+    allow_pickle = policy_table.get("allow-pickle", False)
+    if not isinstance(allow_pickle, bool):
+        check.fail("policy", "allow-pickle", f"must be true or false, not {allow_pickle!r}")
+
+    download_dir = data.get("store", {}).get("download-dir")
+    if download_dir is not None and (not isinstance(download_dir, str) or not download_dir):
+        check.fail("store", "download-dir", "must be a non-empty path string")
+
+    return Manifest(
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        serve=serve,
+        seed=seed,
+        env=dict(env),
+        engine=engine,
+        policy=Policy(trust_remote_code=trust, allow_pickle=allow_pickle),
+        download_dir=download_dir,
+    )
+
+
+def _parse_source(check: _Checker, role: str, table: dict[str, Any]) -> SourceSpec:
+    repo, local, revision, include = (table.get(k) for k in SOURCE_KEYS)
+    if repo is not None and local is not None:
+        check.fail(role, "path", "both repo and path are set", "keep one: repo for the Hub, path for a local folder")
+    if repo is None and local is None:
+        check.fail(role, None, f"[{role}] needs repo = \"org/name\" or path = \"./folder\"")
+    if repo is not None:
+        if not isinstance(repo, str) or not REPO_ID_RE.fullmatch(repo):
+            check.fail(role, "repo", f"{repo!r} is not a Hub repo id", "write it as \"org/name\"")
+    if local is not None:
+        if not isinstance(local, str) or not local:
+            check.fail(role, "path", "must be a folder path string")
+        if revision is not None:
+            check.fail(role, "revision", "a local path has no revision", "remove revision, or use repo = ...")
+    if revision is None:
+        revision = "main"
+    if not isinstance(revision, str):
+        check.fail(role, "revision", f"must be a string, not {revision!r}")
+    check_revision(check, role, revision)
+    if include is None:
+        include = []
+    if not isinstance(include, list) or not all(isinstance(p, str) and p for p in include):
+        check.fail(role, "include", "must be a list of glob patterns like [\"*.json\", \"*.safetensors\"]")
+    folder = None
+    if local is not None:
+        folder = (check.path.parent / os.path.expanduser(local)).resolve()
+    return SourceSpec(
+        role=role, repo=repo, path=folder, path_as_written=local, revision=revision, include=tuple(include)
+    )
+
+
+def check_revision(check: _Checker, role: str, revision: str) -> None:
+    if COMMIT_RE.fullmatch(revision):
+        return
+    if re.fullmatch(r"[0-9a-fA-F]{40}", revision):
+        check.fail(role, "revision", f"commit {revision!r} must be lowercase hex", f"write {revision.lower()!r}")
+    if re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        check.fail(role, "revision", f"{revision!r} looks like an abbreviated commit", "write the full 40-character sha")
+    if not revision or BAD_REF_RE.search(revision):
+        check.fail(role, "revision", f"{revision!r} is not a branch, tag or 40-hex commit")
+
+
+def _parse_chat_template(check: _Checker, table: dict[str, Any] | None) -> ChatTemplateSpec | None:
+    if table is None:
+        return None
+    file, text = table.get("file"), table.get("text")
+    if (file is None) == (text is None):
+        check.fail("chat-template", None, "set exactly one of file = \"...jinja\" or text = \"...\"")
+    if text is not None:
+        if not isinstance(text, str) or not text:
+            check.fail("chat-template", "text", "must be a non-empty string")
+        return ChatTemplateSpec(text=text)
+    if not isinstance(file, str) or not file:
+        check.fail("chat-template", "file", "must be a file path string")
+    resolved = (check.path.parent / os.path.expanduser(file)).resolve()
+    if not resolved.is_file():
+        check.fail("chat-template", "file", f"{file} does not exist", f"create it, or fix the path (relative to {check.path.parent})")
+    return ChatTemplateSpec(file=resolved, file_as_written=file)
+
+
+SECRET_FLAGS = frozenset({"api-key"})
+
+
+def _parse_serve(check: _Checker, table: dict[str, Any]) -> dict[str, Any]:
+    serve: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("_", "-").lstrip("-")
+        if key in OWNED_FLAGS:
+            check.fail("serve", raw_key, "is set by vdeploy from the lock", f"use {OWNED_FLAGS[key]} instead")
+        if key in serve:
+            check.fail("serve", raw_key, f"duplicates '{key}'")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*(\.[a-z0-9-]+)*", key):
+            check.fail("serve", raw_key, "is not a flag name", "write flags by their long name, like max-model-len")
+        if key in SECRET_FLAGS:
+            value = _parse_secret_refs(check, raw_key, value)
+        serve[key] = value
+    return dict(sorted(serve.items()))
+
+
+def _parse_secret_refs(check: _Checker, key: str, value: Any) -> Any:
+    """A secret is only ever named: { env = "VAR" } or { file = "path" }, or a list of those."""
+    refs = value if isinstance(value, list) else [value]
+    for ref in refs:
+        if isinstance(ref, str):
+            check.fail(
+                "serve", key, "a secret written inline would end up in the lock and in `ps`",
+                f'write {key} = {{ env = "VLLM_API_KEY" }} (or {{ file = "path" }}) and keep the key there',
+            )
+        if not isinstance(ref, dict) or len(ref) != 1 or not set(ref) <= {"env", "file"} or not isinstance(next(iter(ref.values())), str):
+            check.fail("serve", key, "must be { env = \"NAME\" } or { file = \"path\" }")
+    return value
+
+
+class _Checker:
+    """Turns a problem into one ManifestError line: file:line: [table] key: what; hint."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def fail(self, table: str | None, key: str | None, what: str, hint: str | None = None) -> None:
+        line = self.locate(table, key)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        subject = f"[{table}] {key}" if table and key else (f"[{table}]" if table else "")
+        message = f"{where}: {subject + ': ' if subject else ''}{what}"
+        if hint:
+            message += f"; {hint}"
+        raise ManifestError(message)
+
+    @staticmethod
+    def suggest(word: str, choices: Any) -> str | None:
+        close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+        return f"did you mean '{close[0]}'?" if close else f"known: {', '.join(choices)}"
+
+    def locate(self, table: str | None, key: str | None) -> int | None:
+        """The 1-based line of [table] key (or of the [table] header), read off the TOML text."""
+        current = None
+        header_line = None
+        for number, line in enumerate(self.lines, start=1):
+            stripped = line.strip()
+            header = re.match(r"^\[\s*([^\[\]]+?)\s*\](\s*#.*)?$", stripped)
+            if header:
+                current = header.group(1).strip().strip('"')
+                if current == table and header_line is None:
+                    header_line = number
+                continue
+            if current != table or key is None:
+                continue
+            assigned = re.match(r'^("?)([^"=]+?)\1\s*=', stripped)
+            if assigned and assigned.group(2).strip() == key:
+                return number
+        return header_line

@@ -1,0 +1,37 @@
+"""Checks on names that come from outside (a Hub tree, a local folder) before they touch the disk."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def path_problem(path: str) -> str | None:
+    """Why a repo file name is unsafe to place in a snapshot folder, or None if it is fine."""
+    if not path:
+        return "is empty"
+    if _CONTROL.search(path):
+        return "contains a control character"
+    if "\\" in path:
+        return "contains a backslash"
+    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        return "is absolute"
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "has an empty, '.' or '..' component"
+    return None
+
+
+def case_collisions(paths: list[str]) -> list[tuple[str, str]]:
+    """Pairs of names that would be one file on a case-insensitive filesystem."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in sorted(paths):
+        folded = unicodedata.normalize("NFC", path).casefold()
+        if folded in seen:
+            clashes.append((seen[folded], path))
+        else:
+            seen[folded] = path
+    return clashes

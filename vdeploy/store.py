@@ -1,0 +1,423 @@
+"""Step 4 of the flow: the store, a download-dir in the Hugging Face cache layout.
+
+    <root>/models--org--name/blobs/<blob>                 the bytes, named by content
+    <root>/models--org--name/snapshots/<commit>/<path>    relative symlinks into blobs/
+    <root>/.locks/models--org--name/<blob>.lock           per-blob file locks (as huggingface_hub)
+    <root>/.vdeploy/fingerprints.json                     files already hashed: size, mtime, inode
+    <root>/.vdeploy/chat-templates/<sha256>.jinja         locked chat templates
+
+A file appears in a snapshot only after its sha256 matched the lock. Downloads go to
+blobs/<blob>.incomplete first, so a killed fetch resumes and never leaves a bad file in view.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vdeploy.errors import StoreError
+from vdeploy.hashing import sha256_file
+from vdeploy.lockfile import Lock, LockedChatTemplate, LockedFile, LockedSource
+
+FETCH_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+
+    def repo_dir(self, source: LockedSource) -> Path:
+        return self.root / source.name
+
+    def blob_path(self, source: LockedSource, file: LockedFile) -> Path:
+        return self.root / source.name / "blobs" / file.blob
+
+    def snapshot_dir(self, source: LockedSource) -> Path:
+        return self.root / source.name / "snapshots" / source.commit
+
+    def snapshot_path(self, source: LockedSource, file: LockedFile) -> Path:
+        return self.snapshot_dir(source) / file.path
+
+    def chat_template_path(self, sha256: str) -> Path:
+        return self.root / ".vdeploy" / "chat-templates" / f"{sha256}.jinja"
+
+    def blob_lock(self, source: LockedSource, file: LockedFile):
+        from filelock import FileLock
+
+        lock_path = self.root / ".locks" / source.name / f"{file.blob}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(lock_path))
+
+
+# ---- fingerprints: "this inode, this size, this mtime was hashed and gave this sha256" ------
+
+
+class Fingerprints:
+    """The record of files already hashed, so a fast verify need not read them again."""
+
+    def __init__(self, store: Store) -> None:
+        self.path = store.root / ".vdeploy" / "fingerprints.json"
+        self.records: dict[str, list] = {}
+        self.changed: dict[str, list] = {}
+        self._mutex = threading.Lock()
+        try:
+            self.records = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.records = {}
+
+    @staticmethod
+    def _key(blob: Path) -> str:
+        return f"{blob.parent.parent.name}/{blob.name}"
+
+    def matches(self, blob: Path, info: os.stat_result, sha256: str) -> bool:
+        return self.records.get(self._key(blob)) == [info.st_size, info.st_mtime_ns, info.st_ino, sha256]
+
+    def record(self, blob: Path, sha256: str) -> None:
+        info = blob.stat()
+        with self._mutex:
+            self.changed[self._key(blob)] = [info.st_size, info.st_mtime_ns, info.st_ino, sha256]
+
+    def forget(self, blob: Path) -> None:
+        with self._mutex:
+            self.changed[self._key(blob)] = None  # type: ignore[assignment]
+
+    def save(self) -> None:
+        """Merge this run's records into the file, under a lock, atomically."""
+        if not self.changed:
+            return
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
+            try:
+                current = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                current = {}
+            for key, value in self.changed.items():
+                if value is None:
+                    current.pop(key, None)
+                else:
+                    current[key] = value
+            _write_atomically(self.path, json.dumps(current, sort_keys=True).encode())
+        self.records = current
+        self.changed = {}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- verify ------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    hashed_bytes: int = 0
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.mismatched or self.extra)
+
+    def problems(self) -> list[str]:
+        return (
+            [f"missing: {p}" for p in self.missing]
+            + [f"mismatch: {p}" for p in self.mismatched]
+            + [f"extra: {p}" for p in self.extra]
+        )
+
+
+def _linked_blob(store: Store, source: LockedSource, file: LockedFile) -> Path | None:
+    """The blob a snapshot entry stands for, if it is a link into this repo's blobs/ (or None)."""
+    entry = store.snapshot_path(source, file)
+    try:
+        target = os.readlink(entry)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        # A plain file (no symlink support): it is its own blob.
+        return entry if entry.is_file() else None
+    blobs = store.repo_dir(source) / "blobs"
+    resolved = Path(os.path.normpath(entry.parent / target))
+    if resolved.parent != blobs:
+        raise StoreError(f"{entry}: links to {target}, outside {blobs}; remove it and run `vdeploy fetch`")
+    return resolved
+
+
+def verify(lock: Lock, store: Store, full: bool = False) -> VerifyReport:
+    """Check every locked file in the store: fast (fingerprints, else hash) or full (hash all)."""
+    report = VerifyReport()
+    fingerprints = Fingerprints(store)
+    to_hash: list[tuple[str, Path, LockedFile]] = []
+    for source in lock.sources:
+        for file in source.files:
+            label = _label(source, file)
+            report.checked += 1
+            blob = _linked_blob(store, source, file)
+            try:
+                info = blob.stat() if blob is not None else None
+            except FileNotFoundError:
+                info = None
+            if info is None:
+                report.missing.append(label)
+            elif info.st_size != file.size:
+                report.mismatched.append(label)
+            elif full or not fingerprints.matches(blob, info, file.sha256):
+                to_hash.append((label, blob, file))
+        report.extra.extend(_extra_in_snapshot(store, source))
+    if lock.chat_template is not None:
+        report.checked += 1
+        template = store.chat_template_path(lock.chat_template.sha256)
+        if not template.is_file():
+            report.missing.append(f"chat-template {lock.chat_template.sha256[:12]}")
+        else:
+            to_hash.append((f"chat-template {template.name}", template, None))  # type: ignore[arg-type]
+
+    def check(item: tuple[str, Path, LockedFile | None]) -> tuple[str, bool]:
+        label, path, file = item
+        digest = sha256_file(path)
+        expected = file.sha256 if file is not None else lock.chat_template.sha256  # type: ignore[union-attr]
+        if digest == expected and file is not None:
+            fingerprints.record(path, digest)
+        return label, digest == expected
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for label, good in pool.map(check, _largest_first(to_hash)):
+            if not good:
+                report.mismatched.append(label)
+    report.hashed_bytes = sum(p.stat().st_size for _, p, _ in to_hash)
+    fingerprints.save()
+    report.mismatched.sort()
+    return report
+
+
+def _largest_first(items: list[tuple[str, Path, LockedFile | None]]) -> list:
+    # Big shards first, so no core idles at the end waiting on one late large file.
+    return sorted(items, key=lambda item: -(item[2].size if item[2] is not None else 0))
+
+
+def _label(source: LockedSource, file: LockedFile) -> str:
+    return f"{source.role}: {file.path}"
+
+
+def _extra_in_snapshot(store: Store, source: LockedSource) -> list[str]:
+    snapshot = store.snapshot_dir(source)
+    if not snapshot.is_dir():
+        return []
+    locked = {f.path for f in source.files}
+    extra = []
+    for dirpath, _, filenames in os.walk(snapshot):
+        for name in filenames:
+            relative = (Path(dirpath) / name).relative_to(snapshot).as_posix()
+            if relative not in locked:
+                extra.append(f"{source.role}: {relative}")
+    return sorted(extra)
+
+
+# ---- fetch -------------------------------------------------------------------------------
+
+
+@dataclass
+class FetchReport:
+    present: int = 0  # already in the snapshot and verified
+    reused: int = 0  # blob found elsewhere in the store
+    downloaded: int = 0
+    downloaded_bytes: int = 0
+    imported: int = 0  # copied from a local folder
+
+
+Downloader = Callable[[LockedSource, LockedFile, Path], None]
+
+
+def fetch(
+    sources: list[LockedSource],
+    store: Store,
+    chat_template: LockedChatTemplate | None = None,
+    template_bytes: bytes | None = None,
+    local_folders: dict[str, Path] | None = None,
+    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> FetchReport:
+    """Put every locked file into the store, verified, and link it into its snapshot."""
+    report = FetchReport()
+    fingerprints = Fingerprints(store)
+    mutex = threading.Lock()
+    jobs = [(source, file) for source in sources for file in source.files]
+
+    def place(job: tuple[LockedSource, LockedFile]) -> None:
+        source, file = job
+        how = _place_file(store, source, file, fingerprints, (local_folders or {}).get(source.role))
+        with mutex:
+            setattr(report, how, getattr(report, how) + 1)
+            if how == "downloaded":
+                report.downloaded_bytes += file.size
+        if how != "present":
+            say(f"  {how} {_label(source, file)} ({_human(file.size)})")
+
+    try:
+        with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
+            for _ in pool.map(place, sorted(jobs, key=lambda j: -j[1].size)):
+                pass
+    finally:
+        fingerprints.save()
+    if chat_template is not None:
+        _place_chat_template(store, chat_template.sha256, template_bytes)
+    return report
+
+
+def _place_file(
+    store: Store, source: LockedSource, file: LockedFile, fingerprints: Fingerprints, local_folder: Path | None
+) -> str:
+    blob = store.blob_path(source, file)
+    entry = store.snapshot_path(source, file)
+    with store.blob_lock(source, file):
+        linked = _linked_blob(store, source, file)
+        if linked == blob and _blob_is_good(blob, file, fingerprints):
+            return "present"
+        how = "present"
+        if not _blob_is_good(blob, file, fingerprints):
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            if _reuse_blob_from_elsewhere(store, source, file, blob, fingerprints):
+                how = "reused"
+            elif source.is_local:
+                _import_local_file(source, file, blob, local_folder)
+                how = "imported"
+            else:
+                _download_blob(source, file, blob)
+                how = "downloaded"
+            fingerprints.record(blob, file.sha256)
+        _link(entry, blob)
+        return how
+
+
+def _blob_is_good(blob: Path, file: LockedFile, fingerprints: Fingerprints) -> bool:
+    try:
+        info = blob.stat()
+    except FileNotFoundError:
+        return False
+    if info.st_size != file.size:
+        return False
+    if fingerprints.matches(blob, info, file.sha256):
+        return True
+    if sha256_file(blob) == file.sha256:
+        fingerprints.record(blob, file.sha256)
+        return True
+    # A blob with wrong bytes (e.g. from an unverified download by another tool): drop it.
+    blob.unlink()
+    fingerprints.forget(blob)
+    return False
+
+
+def _reuse_blob_from_elsewhere(
+    store: Store, source: LockedSource, file: LockedFile, blob: Path, fingerprints: Fingerprints
+) -> bool:
+    """Blobs are named by content, so the same name in another repo of the store is the same bytes."""
+    for candidate in store.root.glob(f"models--*/blobs/{file.blob}"):
+        if candidate == blob or not candidate.is_file():
+            continue
+        info = candidate.stat()
+        if info.st_size != file.size:
+            continue
+        if not fingerprints.matches(candidate, info, file.sha256) and sha256_file(candidate) != file.sha256:
+            continue
+        tmp = blob.with_name(blob.name + ".vdeploy-link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(candidate, tmp)
+        except OSError:
+            shutil.copyfile(candidate, tmp)
+        os.replace(tmp, blob)
+        return True
+    return False
+
+
+def _download_blob(source: LockedSource, file: LockedFile, blob: Path) -> None:
+    from vdeploy import hub
+
+    partial = blob.with_name(blob.name + ".incomplete")
+    done = partial.stat().st_size if partial.exists() else 0
+    if done > file.size:
+        partial.unlink()
+        done = 0
+    with open(partial, "ab") as out:
+        hub.download(source.repo, source.commit, file.path, out, resume_from=done, size=file.size)
+    digest = sha256_file(partial)
+    if digest != file.sha256:
+        partial.unlink()
+        raise StoreError(
+            f"{source.repo}: {file.path}: the Hub served bytes with sha256 {digest[:12]}…, "
+            f"the lock pins {file.sha256[:12]}…; nothing was stored. If upstream rewrote history, "
+            "run `vdeploy lock --update`"
+        )
+    os.replace(partial, blob)
+
+
+def _import_local_file(source: LockedSource, file: LockedFile, blob: Path, folder: Path | None) -> None:
+    original = (folder / file.path) if folder is not None else None
+    if original is None or not original.is_file():
+        raise StoreError(
+            f"{source.path}: {file.path} is not in the store and not in the local folder; "
+            "restore the folder or re-run `vdeploy lock`"
+        )
+    tmp = blob.with_name(blob.name + ".incomplete")
+    shutil.copyfile(original, tmp)
+    digest = sha256_file(tmp)
+    if digest != file.sha256:
+        tmp.unlink()
+        raise StoreError(
+            f"{source.path}: {file.path} changed since it was locked (sha256 {digest[:12]}…, "
+            f"locked {file.sha256[:12]}…); run `vdeploy lock` to pin the new contents"
+        )
+    os.replace(tmp, blob)
+
+
+def _link(entry: Path, blob: Path) -> None:
+    """Point a snapshot entry at its blob, atomically, with a relative link as huggingface_hub does."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(blob, entry.parent)
+    try:
+        if os.readlink(entry) == target:
+            return
+    except OSError:
+        pass
+    tmp = entry.with_name(f".{entry.name}.vdeploy-link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, entry)
+
+
+def _place_chat_template(store: Store, sha256: str, template_bytes: bytes | None) -> None:
+    from vdeploy.manifest import sha256_hex
+
+    path = store.chat_template_path(sha256)
+    if path.is_file() and sha256_file(path) == sha256:
+        return
+    if template_bytes is None or sha256_hex(template_bytes) != sha256:
+        raise StoreError("the chat template changed since it was locked; run `vdeploy lock`")
+    _write_atomically(path, template_bytes)
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
