@@ -108,6 +108,90 @@ def verify(
         raise typer.Exit(1)
 
 
+HostOption = Annotated[Optional[str], typer.Option("--host", help="Bind address (runtime-only; not in the lock).")]
+PortOption = Annotated[Optional[int], typer.Option("--port", help="Port (runtime-only; not in the lock).")]
+
+
+@app.command()
+def plan(
+    manifest: ManifestArg = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the exact argv and environment `vdeploy up` will use (no vLLM import)."""
+    from vdeploy.launch import plan_for, sampling_defaults
+    from vdeploy.locking import check_lock_is_current
+    from vdeploy.manifest import load_manifest
+    from vdeploy.plan import Overrides, format_plan
+    from vdeploy.store import Store
+
+    loaded = load_manifest(manifest)
+    current = check_lock_is_current(loaded)
+    store = Store(loaded.store_path())
+    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ)
+    defaults = sampling_defaults(store, current)
+    if as_json:
+        emit_json(the_plan.to_json(defaults))
+    else:
+        typer.echo(format_plan(the_plan, defaults))
+
+
+@app.command()
+def up(
+    manifest: ManifestArg = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything, print the plan, start nothing.")] = False,
+    pure: Annotated[bool, typer.Option("--pure", help="Drop the caller's unpinned VLLM_*/HF_*/... variables.")] = False,
+    no_fetch: Annotated[bool, typer.Option("--no-fetch", help="Fail instead of fetching missing files.")] = False,
+    allow_engine_drift: Annotated[
+        bool, typer.Option("--allow-engine-drift", help="Run on an engine other than the locked one (recorded).")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for /health.")] = 900,
+) -> None:
+    """Verify the store (fetching what it lacks), then launch vLLM from the lock."""
+    from vdeploy.engine import check_engine
+    from vdeploy.launch import ensure_store, plan_for, resolve_secrets, run_plan, sampling_defaults
+    from vdeploy.locking import check_lock_is_current
+    from vdeploy.manifest import load_manifest
+    from vdeploy.plan import Overrides, format_plan
+    from vdeploy.store import Store
+
+    loaded = load_manifest(manifest)
+    current = check_lock_is_current(loaded)
+    engine, drift = check_engine(current, allow_engine_drift)
+    store = Store(loaded.store_path())
+    ensure_store(loaded, current, store, allow_fetch=not no_fetch, say=say)
+    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ)
+    secrets = resolve_secrets(the_plan, os.environ, loaded.folder)
+    env = the_plan.child_env(os.environ, pure, secrets)
+    if drift:
+        say(f"warning: engine drift allowed: {drift}")
+    if dry_run:
+        typer.echo(format_plan(the_plan, sampling_defaults(store, current)))
+        return
+    code = run_plan(loaded, the_plan, env, engine, drift, pure, timeout, say)
+    raise typer.Exit(code)
+
+
+@app.command()
+def runs(manifest: ManifestArg = None, as_json: JsonOption = False) -> None:
+    """List the run records `vdeploy up` wrote beside this manifest."""
+    from vdeploy.launch import list_runs
+    from vdeploy.manifest import load_manifest
+
+    records = list_runs(load_manifest(manifest))
+    if as_json:
+        emit_json(records)
+        return
+    if not records:
+        say("no runs yet")
+    for run in records:
+        code = "running" if run.get("exit_code") is None else f"exit {run['exit_code']}"
+        typer.echo(f"{run['started']}  {run['deployment'][:16]}  {code:>8}  {run['url']}  {run['record']}")
+
+
 def main() -> None:
     """Entry point: a VdeployError becomes one red line and exit code 1."""
     try:

@@ -10,7 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vdeploy.errors import ManifestError
 
@@ -18,7 +18,10 @@ MANIFEST_NAME = "vdeploy.toml"
 LOCK_NAME = "vdeploy.lock"
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The Hub's rule (huggingface_hub validate_repo_id): word characters, '-' and '.' inside, at most
+# 96 of them, and no "--" or ".." (which the cache layout models--org--name relies on).
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
 # What git refuses in a branch or tag name (git check-ref-format), plus whitespace.
 BAD_REF_RE = re.compile(r"(\.\.|[\x00-\x20\x7f~^:?*\[\\]|@\{|^[/.-]|/$|\.lock$|//|\.$)")
 
@@ -237,7 +240,8 @@ def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest
 
     policy_table = data.get("policy", {})
     trust = policy_table.get("trust-remote-code", False)
-    if trust not in (False, "pinned"):
+    # `is`, not `in`: 0 == False, and 0 is not a boolean.
+    if trust is not False and trust != "pinned":
         check.fail("policy", "trust-remote-code", f"must be false or \"pinned\", not {trust!r}")
     allow_pickle = policy_table.get("allow-pickle", False)
     if not isinstance(allow_pickle, bool):
@@ -268,7 +272,7 @@ def _parse_source(check: _Checker, role: str, table: dict[str, Any]) -> SourceSp
     if repo is None and local is None:
         check.fail(role, None, f"[{role}] needs repo = \"org/name\" or path = \"./folder\"")
     if repo is not None:
-        if not isinstance(repo, str) or not REPO_ID_RE.fullmatch(repo):
+        if not isinstance(repo, str) or not REPO_ID_RE.fullmatch(repo) or "--" in repo or ".." in repo:
             check.fail(role, "repo", f"{repo!r} is not a Hub repo id", "write it as \"org/name\"")
     if local is not None:
         if not isinstance(local, str) or not local:
@@ -361,35 +365,61 @@ class _Checker:
         self.path = path
         self.lines = text.splitlines()
 
-    def fail(self, table: str | None, key: str | None, what: str, hint: str | None = None) -> None:
-        line = self.locate(table, key)
-        where = f"{self.path}:{line}" if line else str(self.path)
-        subject = f"[{table}] {key}" if table and key else (f"[{table}]" if table else "")
-        message = f"{where}: {subject + ': ' if subject else ''}{what}"
-        if hint:
-            message += f"; {hint}"
-        raise ManifestError(message)
+    def fail(self, table: str | None, key: str | None, what: str, hint: str | None = None) -> NoReturn:
+        raise ManifestError(problem_line(self.path, self.lines, table, key, what, hint))
 
     @staticmethod
     def suggest(word: str, choices: Any) -> str | None:
-        close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-        return f"did you mean '{close[0]}'?" if close else f"known: {', '.join(choices)}"
+        return did_you_mean(word, choices)
 
-    def locate(self, table: str | None, key: str | None) -> int | None:
-        """The 1-based line of [table] key (or of the [table] header), read off the TOML text."""
-        current = None
-        header_line = None
-        for number, line in enumerate(self.lines, start=1):
-            stripped = line.strip()
-            header = re.match(r"^\[\s*([^\[\]]+?)\s*\](\s*#.*)?$", stripped)
-            if header:
-                current = header.group(1).strip().strip('"')
-                if current == table and header_line is None:
-                    header_line = number
-                continue
-            if current != table or key is None:
-                continue
+
+def did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(choices))}"
+
+
+def manifest_problem(
+    manifest: Manifest, table: str | None, key: str | None, what: str, hint: str | None = None
+) -> ManifestError:
+    """A ManifestError about [table] key of a loaded manifest, with the key's line number."""
+    try:
+        lines = manifest.path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    return ManifestError(problem_line(manifest.path, lines, table, key, what, hint))
+
+
+def problem_line(
+    path: Path, lines: list[str], table: str | None, key: str | None, what: str, hint: str | None
+) -> str:
+    line = locate(lines, table, key)
+    where = f"{path}:{line}" if line else str(path)
+    subject = f"[{table}] {key}" if table and key else (f"[{table}]" if table else "")
+    message = f"{where}: {subject + ': ' if subject else ''}{what}"
+    return message + (f"; {hint}" if hint else "")
+
+
+def locate(lines: list[str], table: str | None, key: str | None) -> int | None:
+    """The 1-based line of [table] key (or of the [table] header), read off the TOML text."""
+    current = None
+    header_line = None
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([^\[\]]+?)\s*\](\s*#.*)?$", stripped)
+        if header:
+            current = header.group(1).strip().strip('"')
+            if current == table and header_line is None:
+                header_line = number
+            continue
+        if current is None and key is None and header_line is None:
+            # A table written as a root key (`model = "x"`): point at that line.
             assigned = re.match(r'^("?)([^"=]+?)\1\s*=', stripped)
-            if assigned and assigned.group(2).strip() == key:
-                return number
-        return header_line
+            if assigned and assigned.group(2).strip() == table:
+                header_line = number
+            continue
+        if current != table or key is None:
+            continue
+        assigned = re.match(r'^("?)([^"=]+?)\1\s*=', stripped)
+        if assigned and assigned.group(2).strip() == key:
+            return number
+    return header_line

@@ -1,0 +1,81 @@
+"""`vdeploy up` against the real vLLM (CPU build): lock → fetch → up → answers → stop → up again."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from engine_support import call, processes_in_group, processes_mentioning, start_up, tiny_manifest
+
+from vdeploy.lockfile import loads_lock
+
+PROMPTS = ["Hello", "The capital of", "1 2 3"]
+
+
+def complete_three(url: str, deployment: str) -> list[tuple[str, list[float]]]:
+    """Three completions at temperature 1.0 with logprobs; each response must carry the deployment id."""
+    answers = []
+    for prompt in PROMPTS:
+        status, body, _ = call(url, "/v1/completions", {
+            "model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "logprobs": 1,
+        })
+        assert status == 200, body
+        assert body["system_fingerprint"] == deployment
+        choice = body["choices"][0]
+        answers.append((choice["text"], choice["logprobs"]["token_logprobs"]))
+    return answers
+
+
+def last_run(project) -> dict:
+    records = sorted((project.folder / ".vdeploy" / "runs").glob("*.json"))
+    return json.loads(records[-1].read_text())
+
+
+def assert_nothing_left(project, run: dict) -> None:
+    assert processes_in_group(run["pid"]) == [], "vLLM processes outlived `vdeploy up`"
+    assert processes_mentioning(str(project.store)) == [], "a process still runs from the store"
+
+
+def test_two_launches_from_one_lock_answer_the_same_and_a_new_seed_differs(project, tiny_repo):
+    project.write_manifest(tiny_manifest(tiny_repo))
+    project.run_vdeploy("lock")
+    project.run_vdeploy("fetch")
+    lock = loads_lock(project.lock.read_text())
+
+    first = start_up(project, "--no-fetch")
+    try:
+        status, models, _ = call(first.url, "/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
+        answers = complete_three(first.url, lock.deployment)
+    finally:
+        code = first.stop()
+    run = last_run(project)
+    # vLLM's own exit code is passed on: 0, or 128+15 when it ends by re-raising SIGTERM
+    assert code == run["exit_code"] and code in (0, 143), first.output()[-3000:]
+    assert run["deployment"] == lock.deployment
+    assert run["ready"] and run["stopped"] and run["stopped_by"] == "SIGTERM"
+    assert "--seed" in run["argv"] and run["argv"][run["argv"].index("--seed") + 1] == "0"
+    assert run["env"]["HF_HUB_OFFLINE"] == "1"
+    assert_nothing_left(project, run)
+
+    again = start_up(project, "--no-fetch")
+    try:
+        assert complete_three(again.url, lock.deployment) == answers
+    finally:
+        # Ctrl-C, as a person would stop it
+        assert again.stop(signal.SIGINT) in (0, 143), again.output()[-3000:]
+    assert_nothing_left(project, last_run(project))
+
+    _, listing, _ = project.run_vdeploy("runs")
+    assert listing.count(lock.deployment[:16]) == 2
+
+    project.write_manifest(tiny_manifest(tiny_repo, seed=7))
+    project.run_vdeploy("lock")
+    reseeded = loads_lock(project.lock.read_text())
+    assert reseeded.deployment != lock.deployment
+    other = start_up(project, "--no-fetch")
+    try:
+        assert complete_three(other.url, reseeded.deployment) != answers
+    finally:
+        other.stop()
+    assert_nothing_left(project, last_run(project))

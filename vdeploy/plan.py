@@ -1,0 +1,235 @@
+"""Step 5 of the flow: the exact command, as data. Lock × store × overrides → argv and environment.
+
+Pure: no network, no vLLM, no file reads; `vdeploy plan` prints exactly what `vdeploy up` runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vdeploy.lockfile import EngineInfo, Lock
+from vdeploy.store import Store
+
+MODULE_LAUNCHER = "vllm.entrypoints.openai.api_server"
+
+# The caller's variables that can change what vLLM does; shown by plan, recorded by up,
+# and removed by `up --pure` unless the manifest pins them.
+BEHAVIOUR_PREFIXES = (
+    "VLLM_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_",
+    "OMP_", "MKL_", "KMP_", "TOKENIZERS_", "RAY_", "NVIDIA_",
+)
+BEHAVIOUR_NAMES = frozenset({
+    "PYTHONHASHSEED", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "XDG_CACHE_HOME",
+})
+SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+# Flags whose value may change at `up` without a new lock (they never change answers).
+RUNTIME_OVERRIDES = ("host", "port")
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """How to start the engine: `vllm serve MODEL` or `python -m ...api_server --model MODEL`."""
+
+    command: tuple[str, ...]
+    model_positional: bool
+
+    @classmethod
+    def module(cls, python: str) -> Launcher:
+        return cls((python, "-m", MODULE_LAUNCHER), model_positional=False)
+
+    @classmethod
+    def cli(cls, vllm: str) -> Launcher:
+        return cls((vllm, "serve"), model_positional=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    argv: tuple[str, ...]
+    env: dict[str, str]  # pinned: set for the engine on every run
+    secrets: dict[str, str]  # engine variable → where its value comes from ("env:NAME" / "file:PATH")
+    inherited: dict[str, str]  # caller's behaviour-changing variables that are not pinned
+    deployment: str
+    engine: EngineInfo | None
+    served_model_name: str
+    host: str | None
+    port: int
+
+    def child_env(self, caller_env: Mapping[str, str], pure: bool, secret_values: Mapping[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in caller_env.items() if not (pure and k in self.inherited)}
+        env.update(self.env)
+        env.update(secret_values)
+        return env
+
+    def to_json(self, sampling_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        engine = None
+        if self.engine is not None:
+            engine = {
+                "distribution": self.engine.distribution, "version": self.engine.version,
+                "torch": self.engine.torch, "transformers": self.engine.transformers,
+            }
+        return {
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "secrets": dict(self.secrets),
+            "inherited": redact(self.inherited),
+            "deployment": self.deployment,
+            "engine": engine,
+            "served_model_name": self.served_model_name,
+            "url": self.url,
+            "sampling_defaults": dict(sampling_defaults or {}),
+        }
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
+        scheme = "https" if "--ssl-certfile" in self.argv else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    host: str | None = None
+    port: int | None = None
+
+    def apply(self, serve: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(serve)
+        for key in RUNTIME_OVERRIDES:
+            value = getattr(self, key)
+            if value is not None:
+                merged[key] = value
+        return merged
+
+
+def is_behaviour_variable(name: str) -> bool:
+    return name.startswith(BEHAVIOUR_PREFIXES) or name in BEHAVIOUR_NAMES
+
+
+def redact(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if SECRET_NAME_RE.search(k) else v) for k, v in sorted(env.items())}
+
+
+def served_name(lock: Lock) -> str:
+    names = lock.serve.get("served-model-name")
+    if isinstance(names, list) and names:
+        return str(names[0])
+    if isinstance(names, str):
+        return names
+    return lock.model.repo or Path(lock.model.path or "model").name
+
+
+def secret_sources(serve: Mapping[str, Any]) -> dict[str, str]:
+    """api-key = { env = "X" } / { file = "p" } → the engine reads it from VLLM_API_KEY."""
+    refs = serve.get("api-key")
+    if refs is None:
+        return {}
+    ref = refs[0] if isinstance(refs, list) else refs
+    kind, value = next(iter(ref.items()))
+    return {"VLLM_API_KEY": f"{kind}:{value}"}
+
+
+def supports_fingerprint(engine: EngineInfo | None) -> bool:
+    """--fingerprint-mode custom exists from vLLM 0.32 on."""
+    if engine is None:
+        return False
+    numbers = re.findall(r"\d+", engine.version)[:2]
+    return len(numbers) == 2 and (int(numbers[0]), int(numbers[1])) >= (0, 32)
+
+
+def make_plan(
+    lock: Lock,
+    store: Store,
+    launcher: Launcher,
+    overrides: Overrides = Overrides(),
+    caller_env: Mapping[str, str] | None = None,
+    render_serve=None,
+) -> Plan:
+    """The argv and environment `up` will use. A pure function of its arguments."""
+    if render_serve is None:
+        from vdeploy.flags import render_serve as default_render
+
+        def render_serve(serve: dict[str, Any]) -> list[str]:
+            return default_render(serve, None)
+
+    serve = overrides.apply(lock.serve)
+    model_dir = str(store.snapshot_dir(lock.model))
+    argv: list[str] = list(launcher.command)
+    argv += [model_dir] if launcher.model_positional else ["--model", model_dir]
+    if "served-model-name" not in serve:
+        argv += ["--served-model-name", served_name(lock)]
+    if lock.tokenizer is not None:
+        argv += ["--tokenizer", str(store.snapshot_dir(lock.tokenizer))]
+    if lock.chat_template is not None:
+        argv += ["--chat-template", str(store.chat_template_path(lock.chat_template.sha256))]
+    if "generation-config" not in serve:
+        # Explicit: the locked model folder's generation_config.json (what "auto" means today).
+        argv += ["--generation-config", model_dir]
+    argv += ["--seed", str(lock.seed)]
+    if supports_fingerprint(lock.engine) and "fingerprint-mode" not in serve:
+        argv += ["--fingerprint-mode", "custom", "--fingerprint-value", lock.deployment]
+    argv += render_serve(serve)
+
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_CACHE": str(store.root),
+        **lock.env,
+    }
+    caller_env = caller_env or {}
+    inherited = {
+        k: v for k, v in sorted(caller_env.items())
+        if is_behaviour_variable(k) and k not in env
+    }
+    port = serve.get("port", 8000)
+    return Plan(
+        argv=tuple(argv),
+        env=dict(sorted(env.items())),
+        secrets=secret_sources(serve),
+        inherited=inherited,
+        deployment=lock.deployment,
+        engine=lock.engine,
+        served_model_name=served_name(lock),
+        host=serve.get("host"),
+        port=int(port),
+    )
+
+
+def format_plan(plan: Plan, sampling_defaults: Mapping[str, Any] | None = None) -> str:
+    """The plan as a person reads it: one argument per line, then the environment."""
+    lines = [f"# deployment {plan.deployment}"]
+    if plan.engine is not None:
+        lines.append(f"# engine {plan.engine.spec} (torch {plan.engine.torch}, transformers {plan.engine.transformers})")
+    lines.append("argv:")
+    argv = list(plan.argv)
+    first = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+    lines.append("  " + " ".join(argv[:first]))
+    i = first
+    while i < len(argv):
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        lines.append("    " + " ".join([argv[i], *(_quoted(v) for v in argv[i + 1:j])]))
+        i = j
+    lines.append("env (pinned):")
+    lines += [f"  {k}={v}" for k, v in plan.env.items()]
+    for name, origin in plan.secrets.items():
+        lines.append(f"  {name}=<from {origin}>")
+    if plan.inherited:
+        lines.append("env (inherited from your shell, not pinned; `up --pure` removes them):")
+        lines += [f"  {k}={v}" for k, v in redact(plan.inherited).items()]
+    if sampling_defaults:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(sampling_defaults.items()))
+        lines.append(f"sampling defaults from the locked generation_config.json: {shown}")
+    lines.append(f"serves {plan.served_model_name!r} at {plan.url}")
+    return "\n".join(lines)
+
+
+def _quoted(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
