@@ -49,6 +49,8 @@ def lock(
     outcome = lock_manifest(loaded, update=update)
     for line in outcome.moved:
         say(f"moved {line}")
+    for check in outcome.skipped:
+        say(f"skipped: {check}")
     if update and not outcome.moved:
         say("no source moved")
     state = "wrote" if outcome.written else "up to date:"
@@ -129,7 +131,7 @@ def plan(
     loaded = load_manifest(manifest)
     current = check_lock_is_current(loaded)
     store = Store(loaded.store_path())
-    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ)
+    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ, loaded.folder)
     defaults = sampling_defaults(store, current)
     if as_json:
         emit_json(the_plan.to_json(defaults))
@@ -152,7 +154,15 @@ def up(
 ) -> None:
     """Verify the store (fetching what it lacks), then launch vLLM from the lock."""
     from vdeploy.engine import check_engine
-    from vdeploy.launch import ensure_store, plan_for, resolve_secrets, run_plan, sampling_defaults
+    from vdeploy.launch import (
+        check_serve_on_engine,
+        check_tls_files,
+        ensure_store,
+        plan_for,
+        resolve_secrets,
+        run_plan,
+        sampling_defaults,
+    )
     from vdeploy.locking import check_lock_is_current
     from vdeploy.manifest import load_manifest
     from vdeploy.plan import Overrides, format_plan
@@ -163,7 +173,10 @@ def up(
     engine, drift = check_engine(current, allow_engine_drift)
     store = Store(loaded.store_path())
     ensure_store(loaded, current, store, allow_fetch=not no_fetch, say=say)
-    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ)
+    check_serve_on_engine(loaded, current)
+    overrides = Overrides(host=host, port=port)
+    check_tls_files(overrides.apply(current.serve), loaded.folder)
+    the_plan = plan_for(current, store, overrides, os.environ, loaded.folder)
     secrets = resolve_secrets(the_plan, os.environ, loaded.folder)
     env = the_plan.child_env(os.environ, pure, secrets)
     if drift:
@@ -190,6 +203,59 @@ def runs(manifest: ManifestArg = None, as_json: JsonOption = False) -> None:
     for run in records:
         code = "running" if run.get("exit_code") is None else f"exit {run['exit_code']}"
         typer.echo(f"{run['started']}  {run['deployment'][:16]}  {code:>8}  {run['url']}  {run['record']}")
+
+
+@app.command()
+def flags(
+    word: Annotated[Optional[str], typer.Argument(help="Show only flags whose name contains this word.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the `vllm serve` flags the installed engine accepts (its own parser, cached)."""
+    from vdeploy.launch import installed_catalogue
+
+    catalogue = installed_catalogue()
+    found = catalogue.search(word or "")
+    if as_json:
+        emit_json({"engine": catalogue.engine, "digest": catalogue.digest, "flags": [
+            {"name": f.name, "options": list(f.option_strings), "kind": f.kind, "type": f.type_name,
+             "choices": None if f.choices is None else list(f.choices), "default": f.default}
+            for f in found
+        ]})
+        return
+    for flag in found:
+        choices = f"  {{{', '.join(map(str, flag.choices))}}}" if flag.choices else ""
+        typer.echo(f"{' '.join(flag.option_strings):<48} {flag.kind:<10} default {flag.default!r}{choices}")
+    say(f"{len(found)} of {len(catalogue.flags)} flags of {catalogue.engine}")
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="Where to write vdeploy.toml.")] = Path("."),
+    from_command: Annotated[
+        Optional[str], typer.Option("--from-command", help="An existing `vllm serve ...` command line to translate.")
+    ] = None,
+    repo: Annotated[Optional[str], typer.Option("--repo", help="The model's Hub repo id, for a new manifest.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing vdeploy.toml.")] = False,
+) -> None:
+    """Write a vdeploy.toml: from an existing `vllm serve` command, or a starter for --repo."""
+    from vdeploy.errors import ManifestError
+    from vdeploy.manifest import MANIFEST_NAME, REPO_ID_RE
+
+    target = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix else folder
+    if target.exists() and not force:
+        raise ManifestError(f"{target}: already exists; pass --force to overwrite it")
+    if from_command is not None:
+        from vdeploy.init import manifest_from_command
+        from vdeploy.launch import installed_catalogue
+
+        text = manifest_from_command(from_command, installed_catalogue())
+    elif repo is not None and REPO_ID_RE.fullmatch(repo):
+        text = f'[model]\nrepo = "{repo}"\nrevision = "main"\n\n[serve]\n\n[runtime]\nseed = 0\n'
+    else:
+        raise ManifestError("init needs --from-command \"vllm serve ...\" or --repo org/name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    say(f"wrote {target}; next: `vdeploy lock {target.parent}`")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vdeploy.engine import find_launcher
+from vdeploy.engine import find_launcher, installed_engine
 from vdeploy.errors import LaunchError, StoreError
 from vdeploy.lockfile import EngineInfo, Lock
 from vdeploy.manifest import Manifest
@@ -78,14 +78,57 @@ def sampling_defaults(store: Store, lock: Lock) -> dict[str, Any]:
     return {k: config[k] for k in keys if k in config}
 
 
-def plan_for(lock: Lock, store: Store, overrides: Overrides, caller_env: Mapping[str, str]) -> Plan:
-    from vdeploy.flags import load_catalogue, render_serve
+def engine_catalogue(lock: Lock):
+    """The flags of the engine that will run: the installed one (probed once, cached), else the
+    locked one if its catalogue is cached, else None (then rendering goes by TOML types)."""
+    from vdeploy.flags import load_catalogue
 
-    catalogue = load_catalogue(lock.engine.spec, build=False) if lock.engine else None
+    running = installed_engine()
+    if running is not None:
+        return load_catalogue(running.spec)
+    return load_catalogue(lock.engine.spec, build=False) if lock.engine else None
+
+
+def installed_catalogue():
+    """The installed engine's flag catalogue; a clear error where no engine is installed."""
+    from vdeploy.flags import load_catalogue
+
+    running = installed_engine()
+    if running is None:
+        raise LaunchError("no vLLM is installed here, so its flags cannot be read; install the engine (README: Install)")
+    return load_catalogue(running.spec)
+
+
+def plan_for(lock: Lock, store: Store, overrides: Overrides, caller_env: Mapping[str, str], base_dir: Path) -> Plan:
+    from vdeploy.flags import render_serve
+
+    catalogue = engine_catalogue(lock)
     return make_plan(
-        lock, store, find_launcher(), overrides, caller_env,
+        lock, store, find_launcher(), overrides, caller_env, base_dir,
         render_serve=lambda serve: render_serve(serve, catalogue),
     )
+
+
+def check_serve_on_engine(manifest: Manifest, lock: Lock) -> None:
+    """`up` checks [serve] against the engine that runs, whatever the lock was checked against."""
+    from vdeploy.flags import check_serve
+
+    check_serve(manifest.serve, engine_catalogue(lock), manifest)
+
+
+TLS_FLAGS = ("ssl-keyfile", "ssl-certfile", "ssl-ca-certs")
+
+
+def check_tls_files(plan_serve: Mapping[str, Any], base_dir: Path) -> None:
+    """TLS files must be readable when vLLM starts, and a private key private."""
+    for key in TLS_FLAGS:
+        if key not in plan_serve:
+            continue
+        path = (base_dir / str(plan_serve[key])).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise LaunchError(f"[serve] {key}: {path} does not exist or cannot be read; fix the path")
+        if key == "ssl-keyfile" and path.stat().st_mode & 0o077:
+            raise LaunchError(f"[serve] ssl-keyfile: {path} is readable by other users; run `chmod 600 {path}`")
 
 
 # ---- the run -----------------------------------------------------------------------------

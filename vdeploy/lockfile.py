@@ -6,7 +6,9 @@ timestamps or machine paths, so the same inputs always give the same bytes.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -15,8 +17,16 @@ from typing import Any
 
 from vdeploy.errors import LockError
 from vdeploy.manifest import LOCK_NAME, OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex
+from vdeploy.safety import path_problem
 
 LOCK_VERSION = 1
+
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class NewerLockError(LockError):
+    """The lock was written by a newer vdeploy: leave it alone."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class Lock:
     serve: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    flags_catalogue: str | None = None  # digest of the engine flag catalogue [serve] was checked against
     version: int = LOCK_VERSION
 
     @property
@@ -132,6 +143,7 @@ def build_lock(
     chat_template: LockedChatTemplate | None,
     engine: EngineInfo | None,
     serve: dict[str, Any] | None = None,
+    flags_catalogue: str | None = None,
 ) -> Lock:
     """Assemble a Lock from the manifest and what the resolver pinned. Pure."""
     serve = dict(sorted((serve if serve is not None else manifest.serve).items()))
@@ -151,6 +163,7 @@ def build_lock(
         serve=serve,
         seed=manifest.seed,
         env=dict(sorted(manifest.env.items())),
+        flags_catalogue=flags_catalogue,
     )
 
 
@@ -177,6 +190,8 @@ def lock_to_data(lock: Lock) -> dict[str, Any]:
         ):
             if value is not None:
                 engine[key] = value
+        if lock.flags_catalogue is not None:
+            engine["flags-catalogue"] = lock.flags_catalogue
         data["engine"] = engine
     data["runtime"] = {"seed": lock.seed, "env": dict(sorted(lock.env.items()))}
     data["serve"] = dict(sorted(lock.serve.items()))
@@ -216,18 +231,28 @@ def dumps_lock(lock: Lock) -> str:
 
 def loads_lock(text: str, where: str = LOCK_NAME) -> Lock:
     """Parse a lock, checking the format version before anything else."""
+    return lock_from_data(_parse_lock_text(text, where), where)
+
+
+def _parse_lock_text(text: str, where: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise LockError(f"{where}: not a readable lock ({exc}); run `vdeploy lock` to rewrite it") from None
+
+
+def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME) -> Lock:
+    """The Lock a parsed lockfile describes, checking the format version before anything else."""
     version = data.get("version")
     if version != LOCK_VERSION:
         if isinstance(version, int) and version > LOCK_VERSION:
-            raise LockError(f"{where}: lock format {version} is newer than this vdeploy reads ({LOCK_VERSION}); upgrade vdeploy")
+            raise NewerLockError(f"{where}: lock format {version} is newer than this vdeploy reads ({LOCK_VERSION}); upgrade vdeploy")
         raise LockError(f"{where}: unknown lock format {version!r}; run `vdeploy lock` to rewrite it")
     try:
         engine = data.get("engine")
-        sources = {role: _source_from_data(role, data[role]) for role in ("model", "tokenizer") if role in data}
+        sources = {
+            role: _source_from_data(role, data[role], where) for role in ("model", "tokenizer") if role in data
+        }
         template = data.get("chat-template")
         return Lock(
             version=version,
@@ -250,13 +275,14 @@ def loads_lock(text: str, where: str = LOCK_NAME) -> Lock:
             serve=data.get("serve", {}),
             seed=data["runtime"]["seed"],
             env=data["runtime"].get("env", {}),
+            flags_catalogue=(engine or {}).get("flags-catalogue"),
         )
-    except (KeyError, TypeError) as exc:
-        raise LockError(f"{where}: lock is missing {exc}; run `vdeploy lock` to rewrite it") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise LockError(f"{where}: lock is missing or mistypes {exc}; run `vdeploy lock` to rewrite it") from None
 
 
-def _source_from_data(role: str, data: dict[str, Any]) -> LockedSource:
-    return LockedSource(
+def _source_from_data(role: str, data: dict[str, Any], where: str) -> LockedSource:
+    source = LockedSource(
         role=role,
         repo=data.get("repo"),
         revision=data.get("revision"),
@@ -268,12 +294,78 @@ def _source_from_data(role: str, data: dict[str, Any]) -> LockedSource:
             for f in data["files"]
         ),
     )
+    problem = _source_problem(source)
+    if problem:
+        raise LockError(f"{where}: [{role}] {problem}; run `vdeploy lock` to rewrite it")
+    return source
+
+
+def _source_problem(source: LockedSource) -> str | None:
+    """Why a source read from a lock is unsafe to act on. Its names become paths in the store,
+    and a lock may come from someone else's commit, so none may step outside its folder."""
+    if not isinstance(source.commit, str) or not _HEX40.fullmatch(source.commit):
+        return f"commit {source.commit!r} is not a 40-hex commit"
+    name = source.name
+    if not isinstance(name, str) or not name.startswith("models--") or "/" in name or path_problem(name):
+        return f"store-name {name!r} is not a models--org--name folder"
+    for file in source.files:
+        if not isinstance(file.path, str) or path_problem(file.path):
+            return f"file path {file.path!r} {path_problem(str(file.path)) or 'is not a string'}"
+        if not isinstance(file.size, int) or isinstance(file.size, bool) or file.size < 0:
+            return f"{file.path}: size {file.size!r} is not a byte count"
+        if not isinstance(file.sha256, str) or not _HEX64.fullmatch(file.sha256):
+            return f"{file.path}: sha256 {file.sha256!r} is not a sha256"
+        if not isinstance(file.blob, str) or not (_HEX64.fullmatch(file.blob) or _HEX40.fullmatch(file.blob)):
+            return f"{file.path}: blob {file.blob!r} is not a content hash"
+    return None
 
 
 def read_lock(path: Path) -> Lock:
+    """Read a lockfile. Its parse is cached by content hash: tomllib takes ~60 ms on a 1,000-file
+    lock, which alone would be most of a fast `vdeploy verify`'s time budget."""
     if not path.is_file():
         raise LockError(f"{path}: no lock yet; run `vdeploy lock` first")
-    return loads_lock(path.read_text(encoding="utf-8"), str(path))
+    raw = path.read_bytes()
+    digest = sha256_hex(raw)
+    cache = _parse_cache_path(path)
+    try:
+        cached = json.loads(cache.read_bytes())
+        if cached["sha256"] == digest:
+            return lock_from_data(cached["lock"], str(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no usable cached parse: parse the lock itself
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LockError(f"{path}: not a readable lock (not UTF-8); run `vdeploy lock` to rewrite it") from None
+    data = _parse_lock_text(text, str(path))
+    lock = lock_from_data(data, str(path))
+    try:
+        _write_atomically(cache, json.dumps({"sha256": digest, "lock": data}).encode())
+    except (OSError, TypeError, ValueError):
+        pass  # the cache is only an optimisation (TOML dates, say, are not JSON)
+    return lock
+
+
+def _parse_cache_path(lock_path: Path) -> Path:
+    """One cached parse per lockfile location, in vdeploy's cache folder."""
+    base = os.environ.get("VDEPLOY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vdeploy"
+    )
+    key = sha256_hex(str(lock_path.resolve()).encode())[:32]
+    return Path(base).expanduser() / "parsed-locks" / f"{key}.json"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_lock(path: Path, lock: Lock) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from vdeploy import hub
 from vdeploy.engine import engine_for_lock
 from vdeploy.errors import HubError, LockError
+from vdeploy.flags import check_serve, load_catalogue
 from vdeploy.hashing import git_blob_id
 from vdeploy.local import LocalFile, folder_commit, scan_folder
 from vdeploy.lockfile import (
@@ -20,6 +21,7 @@ from vdeploy.lockfile import (
     LockedChatTemplate,
     LockedFile,
     LockedSource,
+    NewerLockError,
     build_lock,
     read_lock,
     store_name,
@@ -37,6 +39,7 @@ class LockOutcome:
     lock: Lock
     written: bool
     moved: list[str] = field(default_factory=list)  # "model: org/name main abc → def"
+    skipped: list[str] = field(default_factory=list)  # checks not made (no engine installed here)
 
 
 def lock_manifest(manifest: Manifest, update: bool = False) -> LockOutcome:
@@ -69,19 +72,30 @@ def lock_manifest(manifest: Manifest, update: bool = False) -> LockOutcome:
             file=manifest.chat_template.file_as_written,
         )
 
-    lock = build_lock(manifest, sources, template, engine_for_lock(manifest))
+    engine = engine_for_lock(manifest)
+    catalogue = load_catalogue(engine.spec) if engine.source == "installed" else None
+    serve, skipped = check_serve(manifest.serve, catalogue, manifest)
+    lock = build_lock(
+        manifest, sources, template, engine, serve, catalogue.digest if catalogue is not None else None
+    )
     # Local folders are copied into the store now, so later edits to them cannot change this lock.
     if local_folders or template is not None:
         local_sources = [s for s in lock.sources if s.is_local]
         fetch(local_sources, store, template, template_bytes, local_folders)
     written = write_lock(manifest.lock_path, lock)
-    return LockOutcome(lock=lock, written=written, moved=moved)
+    return LockOutcome(lock=lock, written=written, moved=moved, skipped=skipped)
 
 
 def _previous_lock(manifest: Manifest) -> Lock | None:
     if not manifest.lock_path.is_file():
         return None
-    return read_lock(manifest.lock_path)
+    try:
+        return read_lock(manifest.lock_path)
+    except NewerLockError:
+        raise
+    except LockError:
+        # Unreadable, or an older format: `vdeploy lock` is how it gets rewritten, so lock afresh.
+        return None
 
 
 def _earlier_pin(previous: Lock | None, spec: SourceSpec) -> LockedSource | None:

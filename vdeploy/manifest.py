@@ -420,6 +420,10 @@ def locate(lines: list[str], table: str | None, key: str | None) -> int | None:
         if current != table or key is None:
             continue
         assigned = re.match(r'^("?)([^"=]+?)\1\s*=', stripped)
-        if assigned and assigned.group(2).strip() == key:
+        if assigned and _kebab(assigned.group(2)) == _kebab(key):
             return number
     return header_line
+
+
+def _kebab(key: str) -> str:
+    return key.strip().strip('"').replace("_", "-").lstrip("-")

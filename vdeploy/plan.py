@@ -28,6 +28,8 @@ BEHAVIOUR_NAMES = frozenset({
 SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 REDACTED = "<redacted>"
 
+PATH_FLAGS = ("ssl-keyfile", "ssl-certfile", "ssl-ca-certs")
+
 # Flags whose value may change at `up` without a new lock (they never change answers).
 RUNTIME_OVERRIDES = ("host", "port")
 
@@ -147,6 +149,7 @@ def make_plan(
     launcher: Launcher,
     overrides: Overrides = Overrides(),
     caller_env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
     render_serve=None,
 ) -> Plan:
     """The argv and environment `up` will use. A pure function of its arguments."""
@@ -157,6 +160,11 @@ def make_plan(
             return default_render(serve, None)
 
     serve = overrides.apply(lock.serve)
+    if base_dir is not None:
+        # File-valued flags are written relative to the manifest; vLLM gets absolute paths.
+        for key in PATH_FLAGS:
+            if isinstance(serve.get(key), str):
+                serve[key] = str((base_dir / serve[key]).expanduser())
     model_dir = str(store.snapshot_dir(lock.model))
     argv: list[str] = list(launcher.command)
     argv += [model_dir] if launcher.model_positional else ["--model", model_dir]

@@ -1,0 +1,50 @@
+"""The examples people copy: their manifests parse, and the tiny model's script makes the locked bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+from vdeploy.lockfile import loads_lock
+from vdeploy.manifest import load_manifest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_the_tiny_build_script_reproduces_exactly_the_bytes_its_lock_pins(tmp_path):
+    sys.path.insert(0, str(EXAMPLES / "tiny"))
+    from build_model import build_model
+
+    build_model(tmp_path)
+    lock = loads_lock((EXAMPLES / "tiny" / "vdeploy.lock").read_text())
+    built = {
+        p.relative_to(tmp_path).as_posix(): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in tmp_path.rglob("*") if p.is_file()
+    }
+    assert built == {f.path: (f.size, f.sha256) for f in lock.model.files}
+
+
+def test_every_example_manifest_loads():
+    manifests = sorted(EXAMPLES.glob("*/vdeploy.toml"))
+    assert len(manifests) >= 1
+    for path in manifests:
+        assert load_manifest(path).model is not None
+
+
+def test_the_quick_start_lock_is_current_and_its_store_fills_from_the_built_model(project):
+    import shutil
+
+    sys.path.insert(0, str(EXAMPLES / "tiny"))
+    from build_model import build_model
+
+    tiny = project.folder / "tiny"
+    tiny.mkdir()
+    for name in ("vdeploy.toml", "vdeploy.lock"):
+        shutil.copy(EXAMPLES / "tiny" / name, tiny / name)
+    build_model(tiny / "model")
+    _, out, err = project.run_vdeploy("up", "--dry-run", tiny)
+    lock = loads_lock((tiny / "vdeploy.lock").read_text())
+    assert f"# deployment {lock.deployment}" in out
+    assert "imported model: model.safetensors" in err
+    project.run_vdeploy("verify", "--full", tiny)
