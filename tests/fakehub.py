@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class FakeHub:
         self._wrong_bytes: set[tuple[str, str]] = set()
         self._cuts: dict[tuple[str, str], tuple[int, int]] = {}  # -> (after_bytes, times left)
         self._fail_status: int | None = None
+        self._gated: dict[str, str] = {}  # repo id → the token it needs
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -331,6 +333,11 @@ class FakeHub:
         with self._lock:
             self._fail_status = status
 
+    def gate(self, repo_id: str, token: str) -> None:
+        """Make repo_id gated: every request for it needs `Authorization: Bearer <token>`."""
+        with self._lock:
+            self._gated[repo_id] = token
+
     def reset_faults(self) -> None:
         """Undo serve_wrong_bytes, cut_connection and fail_all."""
         with self._lock:
@@ -346,9 +353,18 @@ class FakeHub:
         with self._lock:
             self._request_log.append(LoggedRequest(request.method, request.target, headers))
             try:
+                self._check_gate(request, headers)
                 return self._route(request)
             except HubError as error:
                 return error.response()
+
+    def _check_gate(self, request: Request, headers: dict[str, str]) -> None:
+        segments = [urllib.parse.unquote(s) for s in request.path.split("/")[1:]]
+        names = segments[2:4] if segments[:2] == ["api", "models"] else segments[:2]
+        token = self._gated.get("/".join(names))
+        authorization = {k.lower(): v for k, v in headers.items()}.get("authorization")
+        if token is not None and authorization != f"Bearer {token}":
+            raise HubError(401, "GatedRepo", f"Access to model {'/'.join(names)} is restricted")
 
     def _route(self, request: Request) -> Response:
         if self._fail_status is not None:
@@ -594,6 +610,13 @@ class _Server(ThreadingHTTPServer):
         with self._connections_lock:
             self._open_connections.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up mid-request (a killed fetch, a cut test) is routine here;
+        # anything else is still printed.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def close_open_connections(self) -> None:
         with self._connections_lock:

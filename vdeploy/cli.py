@@ -46,7 +46,7 @@ def lock(
     from vdeploy.manifest import load_manifest
 
     loaded = load_manifest(manifest)
-    outcome = lock_manifest(loaded, update=update)
+    outcome = lock_manifest(loaded, update=update, say=say)
     for line in outcome.moved:
         say(f"moved {line}")
     for check in outcome.skipped:

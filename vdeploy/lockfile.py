@@ -18,6 +18,7 @@ from typing import Any
 from vdeploy.errors import LockError
 from vdeploy.manifest import LOCK_NAME, OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex
 from vdeploy.safety import path_problem
+from vdeploy.trust import AutoMapEntry
 
 LOCK_VERSION = 1
 
@@ -39,13 +40,18 @@ class LockedFile:
 
 @dataclass(frozen=True)
 class LockedSource:
-    role: str  # "model" or "tokenizer"
+    role: str  # "model", "tokenizer", or "code" (another repo that an auto_map entry loads code from)
     commit: str  # the Hub commit, or for a local folder the hash of its file list
     files: tuple[LockedFile, ...]
     repo: str | None = None
     revision: str | None = None
     path: str | None = None  # a local source, as written in the manifest
     name: str = ""  # the folder name in the store: models--org--name
+    auto_map: tuple[AutoMapEntry, ...] = ()  # where transformers would load code from
+
+    @property
+    def code_files(self) -> tuple[LockedFile, ...]:
+        return tuple(f for f in self.files if f.path.endswith(".py"))
 
     @property
     def is_local(self) -> bool:
@@ -89,11 +95,16 @@ class Lock:
     seed: int = 0
     env: dict[str, str] = field(default_factory=dict)
     flags_catalogue: str | None = None  # digest of the engine flag catalogue [serve] was checked against
+    code: tuple[LockedSource, ...] = ()  # other repos that auto_map entries load code from
     version: int = LOCK_VERSION
 
     @property
     def sources(self) -> list[LockedSource]:
-        return [s for s in (self.model, self.tokenizer) if s is not None]
+        return [s for s in (self.model, self.tokenizer, *self.code) if s is not None]
+
+    @property
+    def trusts_remote_code(self) -> bool:
+        return self.inputs.get("policy", {}).get("trust-remote-code") == "pinned"
 
 
 def store_name(repo: str | None, local_path: str | None = None) -> str:
@@ -150,6 +161,7 @@ def build_lock(
     inputs = manifest.inputs()
     model = next(s for s in sources if s.role == "model")
     tokenizer = next((s for s in sources if s.role == "tokenizer"), None)
+    code = tuple(s for s in sources if s.role == "code")
     return Lock(
         deployment=deployment_id(
             sources, chat_template, engine, serve, manifest.seed, manifest.env, inputs["policy"]
@@ -158,6 +170,7 @@ def build_lock(
         inputs=inputs,
         model=model,
         tokenizer=tokenizer,
+        code=code,
         chat_template=chat_template,
         engine=engine,
         serve=serve,
@@ -195,8 +208,11 @@ def lock_to_data(lock: Lock) -> dict[str, Any]:
         data["engine"] = engine
     data["runtime"] = {"seed": lock.seed, "env": dict(sorted(lock.env.items()))}
     data["serve"] = dict(sorted(lock.serve.items()))
-    for source in lock.sources:
-        data[source.role] = _source_to_data(source)
+    for source in (lock.model, lock.tokenizer):
+        if source is not None:
+            data[source.role] = _source_to_data(source)
+    if lock.code:
+        data["code"] = [_source_to_data(source) for source in sorted(lock.code, key=lambda s: s.repo or "")]
     if lock.chat_template is not None:
         template = {"sha256": lock.chat_template.sha256, "origin": lock.chat_template.origin}
         if lock.chat_template.file is not None:
@@ -215,6 +231,8 @@ def _source_to_data(source: LockedSource) -> dict[str, Any]:
         data["path"] = source.path
     data["commit"] = source.commit
     data["store-name"] = source.name
+    if source.auto_map:
+        data["auto-map"] = [{"config": e.config, "key": e.key, "target": e.target} for e in source.auto_map]
     data["files"] = [
         {"path": f.path, "size": f.size, "sha256": f.sha256, "blob": f.blob}
         for f in sorted(source.files, key=lambda f: f.path)
@@ -276,6 +294,7 @@ def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME) -> Lock:
             seed=data["runtime"]["seed"],
             env=data["runtime"].get("env", {}),
             flags_catalogue=(engine or {}).get("flags-catalogue"),
+            code=tuple(_source_from_data("code", entry, where) for entry in data.get("code", [])),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise LockError(f"{where}: lock is missing or mistypes {exc}; run `vdeploy lock` to rewrite it") from None
@@ -292,6 +311,9 @@ def _source_from_data(role: str, data: dict[str, Any], where: str) -> LockedSour
         files=tuple(
             LockedFile(path=f["path"], size=f["size"], sha256=f["sha256"], blob=f["blob"])
             for f in data["files"]
+        ),
+        auto_map=tuple(
+            AutoMapEntry(config=e["config"], key=e["key"], target=e["target"]) for e in data.get("auto-map", [])
         ),
     )
     problem = _source_problem(source)

@@ -61,6 +61,12 @@ class Plan:
     served_model_name: str
     host: str | None
     port: int
+    code: tuple[str, ...] = ()  # the remote code that will run, one line per file and auto_map entry
+
+    @property
+    def secret_variables(self) -> frozenset[str]:
+        """Every variable holding a secret: the engine's (VLLM_API_KEY) and the caller's it is read from."""
+        return frozenset(self.secrets) | secret_source_variables(self.secrets)
 
     def child_env(self, caller_env: Mapping[str, str], pure: bool, secret_values: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in caller_env.items() if not (pure and k in self.inherited)}
@@ -85,6 +91,7 @@ class Plan:
             "served_model_name": self.served_model_name,
             "url": self.url,
             "sampling_defaults": dict(sampling_defaults or {}),
+            "code": list(self.code),
         }
 
     @property
@@ -135,6 +142,29 @@ def secret_sources(serve: Mapping[str, Any]) -> dict[str, str]:
     return {"VLLM_API_KEY": f"{kind}:{value}"}
 
 
+def secret_source_variables(secrets: Mapping[str, str]) -> frozenset[str]:
+    """The caller's variables that secret_sources reads keys from."""
+    return frozenset(o.split(":", 1)[1] for o in secrets.values() if o.startswith("env:"))
+
+
+def remote_code(lock: Lock) -> tuple[str, ...]:
+    """What trust-remote-code will run, if the policy allows it and a source asks for it."""
+    if not lock.trusts_remote_code or not any(s.auto_map for s in lock.sources):
+        return ()
+    lines = []
+    for source in lock.sources:
+        where = source.repo or source.path
+        lines += [f"{source.role} {where}: {e.describe()}" for e in source.auto_map]
+        lines += [f"{source.role} {where}: {f.path} sha256 {f.sha256}" for f in source.code_files]
+    return tuple(lines)
+
+
+def code_revision(lock: Lock) -> str:
+    """The commit transformers loads remote code at. Code in the model's own folder is read from the
+    snapshot whatever this says; it matters for code in another repo, which the lock pins (one at most)."""
+    return lock.code[0].commit if lock.code else lock.model.commit
+
+
 def supports_fingerprint(engine: EngineInfo | None) -> bool:
     """--fingerprint-mode custom exists from vLLM 0.32 on."""
     if engine is None:
@@ -178,6 +208,9 @@ def make_plan(
         # Explicit: the locked model folder's generation_config.json (what "auto" means today).
         argv += ["--generation-config", model_dir]
     argv += ["--seed", str(lock.seed)]
+    code = remote_code(lock)
+    if code:
+        argv += ["--trust-remote-code", "--code-revision", code_revision(lock)]
     if supports_fingerprint(lock.engine) and "fingerprint-mode" not in serve:
         argv += ["--fingerprint-mode", "custom", "--fingerprint-value", lock.deployment]
     argv += render_serve(serve)
@@ -189,21 +222,25 @@ def make_plan(
         **lock.env,
     }
     caller_env = caller_env or {}
+    secrets = secret_sources(serve)
+    # A key read from, say, $VLLM_SERVING_AUTH is shown and recorded by name only.
+    hidden = secret_source_variables(secrets)
     inherited = {
-        k: v for k, v in sorted(caller_env.items())
+        k: (REDACTED if k in hidden else v) for k, v in sorted(caller_env.items())
         if is_behaviour_variable(k) and k not in env
     }
     port = serve.get("port", 8000)
     return Plan(
         argv=tuple(argv),
         env=dict(sorted(env.items())),
-        secrets=secret_sources(serve),
+        secrets=secrets,
         inherited=inherited,
         deployment=lock.deployment,
         engine=lock.engine,
         served_model_name=served_name(lock),
         host=serve.get("host"),
         port=int(port),
+        code=code,
     )
 
 
@@ -230,6 +267,9 @@ def format_plan(plan: Plan, sampling_defaults: Mapping[str, Any] | None = None) 
     if plan.inherited:
         lines.append("env (inherited from your shell, not pinned; `up --pure` removes them):")
         lines += [f"  {k}={v}" for k, v in redact(plan.inherited).items()]
+    if plan.code:
+        lines.append("remote code that will run ([policy] trust-remote-code = \"pinned\"):")
+        lines += [f"  {line}" for line in plan.code]
     if sampling_defaults:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(sampling_defaults.items()))
         lines.append(f"sampling defaults from the locked generation_config.json: {shown}")
