@@ -156,7 +156,7 @@ def start_record(manifest: Manifest, plan: Plan, env: Mapping[str, str], engine:
 
     started = datetime.now(timezone.utc)
     name = f"{started.strftime('%Y%m%dT%H%M%S%fZ')}-{plan.deployment[:12]}.json"
-    secrets = set(plan.secrets)
+    secrets = plan.secret_variables
     recorded_env = {k: ("<redacted>" if k in secrets else v) for k, v in redact(env).items()
                     if k in plan.env or k in plan.inherited or k in secrets}
     record = RunRecord(

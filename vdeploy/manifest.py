@@ -345,7 +345,7 @@ def _parse_serve(check: _Checker, table: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_secret_refs(check: _Checker, key: str, value: Any) -> Any:
-    """A secret is only ever named: { env = "VAR" } or { file = "path" }, or a list of those."""
+    """A secret is only ever named: { env = "VAR" } or { file = "path" }, or a list of one."""
     refs = value if isinstance(value, list) else [value]
     for ref in refs:
         if isinstance(ref, str):
@@ -355,6 +355,12 @@ def _parse_secret_refs(check: _Checker, key: str, value: Any) -> Any:
             )
         if not isinstance(ref, dict) or len(ref) != 1 or not set(ref) <= {"env", "file"} or not isinstance(next(iter(ref.values())), str):
             check.fail("serve", key, "must be { env = \"NAME\" } or { file = \"path\" }")
+    if len(refs) != 1:
+        # vLLM reads a single key from VLLM_API_KEY; others would be dropped without a word.
+        check.fail(
+            "serve", key, f"lists {len(refs)} keys, but the key reaches vLLM through VLLM_API_KEY, which holds one",
+            f'keep one reference: {key} = {{ env = "VLLM_API_KEY" }}',
+        )
     return value
 
 

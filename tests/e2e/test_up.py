@@ -42,13 +42,15 @@ def test_two_launches_from_one_lock_answer_the_same_and_a_new_seed_differs(proje
     project.run_vdeploy("fetch")
     lock = loads_lock(project.lock.read_text())
 
-    first = start_up(project, "--no-fetch")
+    # At DEBUG, where vLLM would log prompt text if [serve] had enable-log-requests
+    first = start_up(project, "--no-fetch", env={"VLLM_LOGGING_LEVEL": "DEBUG"})
     try:
         status, models, _ = call(first.url, "/v1/models")
         assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
         answers = complete_three(first.url, lock.deployment)
     finally:
         code = first.stop()
+    assert "The capital of" not in first.output()  # no enable-log-requests: no prompt in the log
     run = last_run(project)
     # vLLM's own exit code is passed on: 0, or 128+15 when it ends by re-raising SIGTERM
     assert code == run["exit_code"] and code in (0, 143), first.output()[-3000:]
