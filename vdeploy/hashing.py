@@ -18,6 +18,9 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     buffer = bytearray(BLOCK_SIZE)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as stream:
+        if hasattr(os, "posix_fadvise"):
+            # Doubles the kernel's read-ahead for files not in the page cache.
+            os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while count := stream.readinto(buffer):
             digest.update(view[:count])
             if on_bytes is not None:

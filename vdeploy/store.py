@@ -74,18 +74,20 @@ class Fingerprints:
             self.records = {}
 
     @staticmethod
-    def _key(blob: Path) -> str:
-        return f"{blob.parent.parent.name}/{blob.name}"
+    def _key(blob: str | os.PathLike[str]) -> str:
+        # os.path, not pathlib: fast verify calls this once per file.
+        blob = os.fspath(blob)
+        return f"{os.path.basename(os.path.dirname(os.path.dirname(blob)))}/{os.path.basename(blob)}"
 
-    def matches(self, blob: Path, info: os.stat_result, sha256: str) -> bool:
+    def matches(self, blob: str | os.PathLike[str], info: os.stat_result, sha256: str) -> bool:
         return self.records.get(self._key(blob)) == [info.st_size, info.st_mtime_ns, info.st_ino, sha256]
 
-    def record(self, blob: Path, sha256: str) -> None:
-        info = blob.stat()
+    def record(self, blob: str | os.PathLike[str], sha256: str) -> None:
+        info = os.stat(blob)
         with self._mutex:
             self.changed[self._key(blob)] = [info.st_size, info.st_mtime_ns, info.st_ino, sha256]
 
-    def forget(self, blob: Path) -> None:
+    def forget(self, blob: str | os.PathLike[str]) -> None:
         with self._mutex:
             self.changed[self._key(blob)] = None  # type: ignore[assignment]
 
@@ -148,17 +150,21 @@ class VerifyReport:
 
 def _linked_blob(store: Store, source: LockedSource, file: LockedFile) -> Path | None:
     """The blob a snapshot entry stands for, if it is a link into this repo's blobs/ (or None)."""
-    entry = store.snapshot_path(source, file)
+    blob = _entry_blob(str(store.snapshot_path(source, file)), str(store.repo_dir(source) / "blobs"))
+    return None if blob is None else Path(blob)
+
+
+def _entry_blob(entry: str, blobs: str) -> str | None:
+    """_linked_blob on plain strings (fast verify calls it once per file; pathlib is slow)."""
     try:
         target = os.readlink(entry)
     except FileNotFoundError:
         return None
     except OSError:
         # A plain file (no symlink support): it is its own blob.
-        return entry if entry.is_file() else None
-    blobs = store.repo_dir(source) / "blobs"
-    resolved = Path(os.path.normpath(entry.parent / target))
-    if resolved.parent != blobs:
+        return entry if os.path.isfile(entry) else None
+    resolved = os.path.normpath(os.path.join(os.path.dirname(entry), target))
+    if os.path.dirname(resolved) != blobs:
         raise StoreError(f"{entry}: links to {target}, outside {blobs}; remove it and run `vdeploy fetch`")
     return resolved
 
@@ -167,22 +173,27 @@ def verify(lock: Lock, store: Store, full: bool = False) -> VerifyReport:
     """Check every locked file in the store: fast (fingerprints, else hash) or full (hash all)."""
     report = VerifyReport()
     fingerprints = Fingerprints(store)
-    to_hash: list[tuple[str, Path, LockedFile]] = []
+    to_hash: list[tuple[str, str, LockedFile | None]] = []
     for source in lock.sources:
+        snapshot = str(store.snapshot_dir(source))
+        blobs = str(store.repo_dir(source) / "blobs")
         for file in source.files:
-            label = _label(source, file)
             report.checked += 1
-            blob = _linked_blob(store, source, file)
             try:
-                info = blob.stat() if blob is not None else None
+                blob = _entry_blob(os.path.join(snapshot, file.path), blobs)
+            except StoreError:
+                report.mismatched.append(f"{_label(source, file)} (links outside the store's blobs/)")
+                continue
+            try:
+                info = os.stat(blob) if blob is not None else None
             except FileNotFoundError:
                 info = None
             if info is None:
-                report.missing.append(label)
+                report.missing.append(_label(source, file))
             elif info.st_size != file.size:
-                report.mismatched.append(label)
+                report.mismatched.append(_label(source, file))
             elif full or not fingerprints.matches(blob, info, file.sha256):
-                to_hash.append((label, blob, file))
+                to_hash.append((_label(source, file), blob, file))
         report.extra.extend(_extra_in_snapshot(store, source))
     if lock.chat_template is not None:
         report.checked += 1
@@ -190,27 +201,32 @@ def verify(lock: Lock, store: Store, full: bool = False) -> VerifyReport:
         if not template.is_file():
             report.missing.append(f"chat-template {lock.chat_template.sha256[:12]}")
         else:
-            to_hash.append((f"chat-template {template.name}", template, None))  # type: ignore[arg-type]
+            to_hash.append((f"chat-template {template.name}", str(template), None))
 
-    def check(item: tuple[str, Path, LockedFile | None]) -> tuple[str, bool]:
+    def check(item: tuple[str, str, LockedFile | None]) -> tuple[str, bool]:
         label, path, file = item
-        digest = sha256_file(path)
+        digest = sha256_file(Path(path))
         expected = file.sha256 if file is not None else lock.chat_template.sha256  # type: ignore[union-attr]
-        if digest == expected and file is not None:
-            fingerprints.record(path, digest)
+        if file is not None:
+            if digest == expected:
+                fingerprints.record(path, digest)
+            else:
+                # No longer trusted, so that `vdeploy fetch` re-checks and replaces it.
+                fingerprints.forget(path)
         return label, digest == expected
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for label, good in pool.map(check, _largest_first(to_hash)):
-            if not good:
-                report.mismatched.append(label)
-    report.hashed_bytes = sum(p.stat().st_size for _, p, _ in to_hash)
+    if to_hash:
+        with ThreadPoolExecutor(max_workers=min(len(to_hash), os.cpu_count() or 1)) as pool:
+            for label, good in pool.map(check, _largest_first(to_hash)):
+                if not good:
+                    report.mismatched.append(label)
+    report.hashed_bytes = sum(os.stat(p).st_size for _, p, _ in to_hash)
     fingerprints.save()
     report.mismatched.sort()
     return report
 
 
-def _largest_first(items: list[tuple[str, Path, LockedFile | None]]) -> list:
+def _largest_first(items: list[tuple[str, str, LockedFile | None]]) -> list:
     # Big shards first, so no core idles at the end waiting on one late large file.
     return sorted(items, key=lambda item: -(item[2].size if item[2] is not None else 0))
 
@@ -220,14 +236,15 @@ def _label(source: LockedSource, file: LockedFile) -> str:
 
 
 def _extra_in_snapshot(store: Store, source: LockedSource) -> list[str]:
-    snapshot = store.snapshot_dir(source)
-    if not snapshot.is_dir():
+    snapshot = str(store.snapshot_dir(source))
+    if not os.path.isdir(snapshot):
         return []
     locked = {f.path for f in source.files}
     extra = []
+    prefix = len(snapshot) + 1
     for dirpath, _, filenames in os.walk(snapshot):
         for name in filenames:
-            relative = (Path(dirpath) / name).relative_to(snapshot).as_posix()
+            relative = os.path.join(dirpath, name)[prefix:].replace(os.sep, "/")
             if relative not in locked:
                 extra.append(f"{source.role}: {relative}")
     return sorted(extra)
@@ -289,7 +306,10 @@ def _place_file(
     blob = store.blob_path(source, file)
     entry = store.snapshot_path(source, file)
     with store.blob_lock(source, file):
-        linked = _linked_blob(store, source, file)
+        try:
+            linked = _linked_blob(store, source, file)
+        except StoreError:
+            linked = None  # a link out of blobs/: _link below points it back into the store
         if linked == blob and _blob_is_good(blob, file, fingerprints):
             return "present"
         how = "present"
@@ -383,8 +403,9 @@ def _import_local_file(source: LockedSource, file: LockedFile, blob: Path, folde
     if digest != file.sha256:
         tmp.unlink()
         raise StoreError(
-            f"{source.path}: {file.path} changed since it was locked (sha256 {digest[:12]}…, "
-            f"locked {file.sha256[:12]}…); run `vdeploy lock` to pin the new contents"
+            f"{source.path}: {file.path} changed while being imported or since it was locked "
+            f"(sha256 {digest[:12]}…, locked {file.sha256[:12]}…); nothing was stored. "
+            "Let the folder settle, then run `vdeploy lock` to pin its contents"
         )
     os.replace(tmp, blob)
 

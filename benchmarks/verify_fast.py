@@ -1,0 +1,104 @@
+"""Benchmark: fast `vdeploy verify` of a 1,000-file lock, beyond the CLI's own start-up.
+
+Target (issue 2): median wall time of `vdeploy verify` minus median of `vdeploy --help` < 0.1 s.
+The files come from a local folder that `vdeploy lock` imports (and fingerprints) into the store,
+so the fast path trusts each file's recorded fingerprint and reads none of them.
+
+    python benchmarks/verify_fast.py [--files 1000] [--runs 7]
+
+Always exits 0: benchmarks report, tests assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_SECONDS = 0.1
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "VDEPLOY_"))}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", VDEPLOY_CACHE_DIR=str(home))
+    return env
+
+
+def timed(args: list[str], env: dict[str, str], expect: int = 0) -> float:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "vdeploy", *args], env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != expect:
+        raise SystemExit(f"vdeploy {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+    return elapsed
+
+
+def build_project(root: Path, files: int, env: dict[str, str]) -> None:
+    ckpt = root / "ckpt"
+    for index in range(files):
+        # Nested like a real checkpoint folder, small and distinct.
+        path = ckpt / f"part-{index // 100:02d}" / f"file-{index:04d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'{{"index": {index}}}\n')
+    manifest = '[model]\npath = "ckpt"\n\n[store]\ndownload-dir = "store"\n'
+    from vdeploy.engine import installed_engine
+
+    if installed_engine() is None:
+        manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
+    (root / "vdeploy.toml").write_text(manifest)
+    timed(["lock", str(root)], env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="vdeploy-bench-verify-fast-"))
+    try:
+        env = cli_env(work / "home")
+        project = work / "project"
+        build_project(project, args.files, env)
+        timed(["verify", str(project)], env)  # warm the page cache and the import caches
+
+        # Interleaved, so drifting machine load hits both series alike.
+        verify_times, help_times, parse_times = [], [], []
+        nowhere = str(work / "no-such-folder")
+        for _ in range(args.runs):
+            verify_times.append(timed(["verify", str(project)], env))
+            help_times.append(timed(["--help"], env))
+            # The same command, failing right after typer has parsed its arguments.
+            parse_times.append(timed(["verify", nowhere], env, expect=1))
+        verify_median = statistics.median(verify_times)
+        help_median = statistics.median(help_times)
+        parse_median = statistics.median(parse_times)
+        beyond = verify_median - help_median
+
+        full = timed(["verify", "--full", str(project)], env)
+        verdict = "PASS" if beyond < TARGET_SECONDS else "FAIL"
+        print(f"lock: {args.files} files")
+        print(f"verify_fast_median: {verify_median:.3f} s over {args.runs} runs")
+        print(f"help_median: {help_median:.3f} s (CLI start-up)")
+        print(f"verify_full_once: {full:.3f} s (information: the same lock, every file re-hashed)")
+        print(
+            f"verify_argument_parsing_median: {parse_median:.3f} s (information: `vdeploy verify <missing folder>`, "
+            f"{parse_median - help_median:+.3f} s over --help, spent in typer before vdeploy's code runs)"
+        )
+        print(
+            f"verify_fast_beyond_argument_parsing: {verify_median - parse_median:.3f} s "
+            f"(information: the verify work itself: read manifest and lock, stat {args.files} files)"
+        )
+        print(f"verify_fast_beyond_startup: {beyond:.3f} s (target: < {TARGET_SECONDS} s) {verdict}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
