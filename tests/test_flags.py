@@ -31,7 +31,8 @@ from vdeploy.manifest import OWNED_FLAGS, load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_FLAGS = ROOT / "examples" / "all-flags" / "vdeploy.toml"
-SEED = Path("/work/shared/seed/seed-en.md")
+# The project's seed document lives in shared/, beside the repository (also in CI).
+SEED = ROOT.parent / "shared" / "seed" / "seed-en.md"
 HEAD = '[model]\nrepo = "Qwen/Qwen3-0.6B"\n\n[serve]\n'  # [serve] keys start on line 5
 
 pytestmark = pytest.mark.skipif(installed_engine() is None, reason="needs vLLM installed")
