@@ -102,11 +102,7 @@ BAD_SERVE = [
     ('allowed-origins = "*"', "allowed-origins", 5, ["a list"]),
     ("enable-log-outputs = true", "enable-log-outputs", 5, ["needs enable-log-requests"]),
     ('port = 8000\nenable-auto-tool-choice = true', "enable-auto-tool-choice", 6, ["needs tool-call-parser"]),
-    (
-        'speculative-config = { model = "Qwen/Qwen3-0.6B", num_speculative_tokens = 2 }',
-        "speculative-config", 5, ["draft models: not supported yet; remove model from speculative-config"],
-    ),
-    ('spec-model = "Qwen/Qwen3-0.6B"', "spec-model", 5, ["draft models: not supported yet"]),
+    ('spec-model = "Qwen/Qwen3-0.6B"', "spec-model", 5, ['speculative-config = { model = "org/draft"', "locked"]),
     ("tp = 2", "tp", 5, ["short form of tensor-parallel-size", "tensor-parallel-size = 2"]),
     ('"-tp" = 2', "tp", 5, ["short form of tensor-parallel-size"]),
     ("ep = true", "ep", 5, ["enable-expert-parallel = true"]),
@@ -132,7 +128,6 @@ STATIC_BAD_SERVE = [
     ("tp = 4", ["short form of tensor-parallel-size"]),
     ('max-model-len = "32Q"', ["not a size"]),
     ("enable-log-outputs = true", ["needs enable-log-requests"]),
-    ('speculative-config = { model = "a/b" }', ["draft models: not supported yet"]),
     ('limit-mm-per-prompt = "image"', ["a table"]),
     ("served-model-name = []", ["cannot be passed as a flag"]),
 ]

@@ -153,3 +153,26 @@ def test_up_refuses_an_engine_other_than_the_locked_one_unless_allowed(locked):
     assert "--allow-engine-drift" in line
     _, out, err = locked.run_vdeploy("up", "--dry-run", "--allow-engine-drift")
     assert "engine drift allowed" in err and "--seed" in out
+
+
+def test_a_draft_model_is_locked_fetched_and_passed_from_the_store(locked, fake_hub, repo_id):
+    draft_commit = fake_hub.commit(repo_id, {"config.json": CONFIG, "model.safetensors": b"\1" * 2048})
+    serve = f'speculative-config = {{ model = "{repo_id}", num_speculative_tokens = 2 }}\n'
+    locked.write_manifest(local_manifest(serve=serve))
+    locked.run_vdeploy("lock")
+    lock = loads_lock(locked.lock.read_text())
+    assert (lock.draft.repo, lock.draft.commit) == (repo_id, draft_commit)
+    assert [f.path for f in lock.draft.files] == ["config.json", "model.safetensors"]
+
+    locked.run_vdeploy("fetch")
+    snapshot = locked.folder / "store" / lock.draft.name / "snapshots" / draft_commit
+    assert (snapshot / "model.safetensors").read_bytes() == b"\1" * 2048
+    argv = plan_json(locked)["argv"]
+    assert json.loads(flag(argv, "--speculative-config")) == {"model": str(snapshot), "num_speculative_tokens": 2}
+
+    # like any source: a new upstream commit does not move it; a changed draft is a new deployment
+    fake_hub.commit(repo_id, {"model.safetensors": b"\2" * 2048})
+    locked.run_vdeploy("lock")
+    assert loads_lock(locked.lock.read_text()).draft.commit == draft_commit
+    locked.run_vdeploy("lock", "--update")
+    assert loads_lock(locked.lock.read_text()).deployment != lock.deployment

@@ -38,9 +38,8 @@ def installed_engine() -> EngineInfo | None:
     return None
 
 
-def engine_for_lock(manifest: Manifest) -> EngineInfo:
+def engine_for_lock(manifest: Manifest, installed: EngineInfo | None) -> EngineInfo:
     """The engine a lock pins: the one installed here, or the one [runtime] engine names."""
-    installed = installed_engine()
     if manifest.engine is not None:
         distribution, version = manifest.engine.split("==", 1)
         if installed is not None and (installed.distribution, installed.version) != (distribution, version):

@@ -46,12 +46,11 @@ SIZE_FACTORS = {
 SIZE_HINT = 'write a token count like 32768, "32K" (32 × 1024) or "32k" (32 × 1000)'
 
 NO_ENGINE = "flag names and types: no engine installed here"
-DRAFT_MODELS_REFUSED = "draft models: not supported yet; remove model from speculative-config"
 
 # Flags accepted by vLLM that would undo what the lock pins, with what to do instead.
 REFUSED_FLAGS = {
     "config": "vdeploy passes every flag on the command line; move the file's settings into [serve]",
-    "spec-model": "draft models: not supported yet; remove spec-model",
+    "spec-model": 'name the draft model as speculative-config = { model = "org/draft", ... } so it is locked',
     "hf-token": "vdeploy fetches with HF_TOKEN and the engine runs offline from the store; remove hf-token",
 }
 
@@ -399,8 +398,6 @@ def _check_json(spec: FlagSpec, key: str, value: Any, manifest: Manifest) -> Any
     takes_list = isinstance(spec.default, list)
     if isinstance(value, dict) or (takes_list and isinstance(value, list)):
         _check_json_ready(key, value, manifest)
-        if key == "speculative-config" and "model" in value:
-            raise manifest_problem(manifest, "serve", key, DRAFT_MODELS_REFUSED)
         return value
     if spec.type_name == "json|str" and isinstance(value, str):
         return value

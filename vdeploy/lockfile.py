@@ -96,11 +96,12 @@ class Lock:
     env: dict[str, str] = field(default_factory=dict)
     flags_catalogue: str | None = None  # digest of the engine flag catalogue [serve] was checked against
     code: tuple[LockedSource, ...] = ()  # other repos that auto_map entries load code from
+    draft: LockedSource | None = None  # the draft model of speculative decoding
     version: int = LOCK_VERSION
 
     @property
     def sources(self) -> list[LockedSource]:
-        return [s for s in (self.model, self.tokenizer, *self.code) if s is not None]
+        return [s for s in (self.model, self.tokenizer, self.draft, *self.code) if s is not None]
 
     @property
     def trusts_remote_code(self) -> bool:
@@ -162,6 +163,7 @@ def build_lock(
     model = next(s for s in sources if s.role == "model")
     tokenizer = next((s for s in sources if s.role == "tokenizer"), None)
     code = tuple(s for s in sources if s.role == "code")
+    draft = next((s for s in sources if s.role == "draft"), None)
     return Lock(
         deployment=deployment_id(
             sources, chat_template, engine, serve, manifest.seed, manifest.env, inputs["policy"]
@@ -171,6 +173,7 @@ def build_lock(
         model=model,
         tokenizer=tokenizer,
         code=code,
+        draft=draft,
         chat_template=chat_template,
         engine=engine,
         serve=serve,
@@ -208,7 +211,7 @@ def lock_to_data(lock: Lock) -> dict[str, Any]:
         data["engine"] = engine
     data["runtime"] = {"seed": lock.seed, "env": dict(sorted(lock.env.items()))}
     data["serve"] = dict(sorted(lock.serve.items()))
-    for source in (lock.model, lock.tokenizer):
+    for source in (lock.model, lock.tokenizer, lock.draft):
         if source is not None:
             data[source.role] = _source_to_data(source)
     if lock.code:
@@ -269,7 +272,9 @@ def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME) -> Lock:
     try:
         engine = data.get("engine")
         sources = {
-            role: _source_from_data(role, data[role], where) for role in ("model", "tokenizer") if role in data
+            role: _source_from_data(role, data[role], where)
+            for role in ("model", "tokenizer", "draft")
+            if role in data
         }
         template = data.get("chat-template")
         return Lock(
@@ -295,6 +300,7 @@ def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME) -> Lock:
             env=data["runtime"].get("env", {}),
             flags_catalogue=(engine or {}).get("flags-catalogue"),
             code=tuple(_source_from_data("code", entry, where) for entry in data.get("code", [])),
+            draft=sources.get("draft"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise LockError(f"{where}: lock is missing or mistypes {exc}; run `vdeploy lock` to rewrite it") from None

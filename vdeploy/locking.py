@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vdeploy import hub
-from vdeploy.engine import engine_for_lock
+from vdeploy.engine import engine_for_lock, installed_engine
 from vdeploy.errors import HubError, LockError
 from vdeploy.trust import CODE_CONFIGS, drop_pickles_beside_safetensors, find_code, is_pickle
 from vdeploy.flags import check_serve, load_catalogue
@@ -84,7 +84,7 @@ def lock_manifest(manifest: Manifest, update: bool = False, say: Callable[[str],
             file=manifest.chat_template.file_as_written,
         )
 
-    engine = engine_for_lock(manifest)
+    engine = engine_for_lock(manifest, installed_engine())
     catalogue = load_catalogue(engine.spec) if engine.source == "installed" else None
     serve, skipped = check_serve(manifest.serve, catalogue, manifest)
     if str(serve.get("load-format", "")).lower() == "pt" and not manifest.policy.allow_pickle:

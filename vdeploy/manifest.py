@@ -119,6 +119,7 @@ class Manifest:
     engine: str | None = None
     policy: Policy = Policy()
     download_dir: str | None = None  # as written; see store_path()
+    draft: SourceSpec | None = None  # the draft model named in [serve] speculative-config
 
     @property
     def folder(self) -> Path:
@@ -130,7 +131,7 @@ class Manifest:
 
     @property
     def sources(self) -> list[SourceSpec]:
-        return [s for s in (self.model, self.tokenizer) if s is not None]
+        return [s for s in (self.model, self.tokenizer, self.draft) if s is not None]
 
     def store_path(self) -> Path:
         """The store folder: the manifest's download-dir, else the Hugging Face cache."""
@@ -143,6 +144,8 @@ class Manifest:
         inputs: dict[str, Any] = {"model": self.model.requested()}
         if self.tokenizer is not None:
             inputs["tokenizer"] = self.tokenizer.requested()
+        if self.draft is not None:
+            inputs["draft"] = self.draft.requested()
         if self.chat_template is not None:
             inputs["chat-template"] = {"sha256": sha256_hex(self.chat_template.read())}
         inputs["serve"] = dict(sorted(self.serve.items()))
@@ -262,6 +265,7 @@ def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest
         engine=engine,
         policy=Policy(trust_remote_code=trust, allow_pickle=allow_pickle),
         download_dir=download_dir,
+        draft=_parse_draft(check, serve),
     )
 
 
@@ -294,6 +298,27 @@ def _parse_source(check: _Checker, role: str, table: dict[str, Any]) -> SourceSp
     return SourceSpec(
         role=role, repo=repo, path=folder, path_as_written=local, revision=revision, include=tuple(include)
     )
+
+
+def _parse_draft(check: _Checker, serve: dict[str, Any]) -> SourceSpec | None:
+    """A draft model in speculative-config is a source like the model: locked, stored, verified."""
+    config = serve.get("speculative-config")
+    if not isinstance(config, dict) or "model" not in config:
+        return None
+    name, revision = config["model"], config.get("revision", "main")
+    if not isinstance(name, str) or not name:
+        check.fail("serve", "speculative-config", "model must be a Hub repo id or a folder path")
+    if not isinstance(revision, str):
+        check.fail("serve", "speculative-config", f"revision must be a string, not {revision!r}")
+    if name.startswith((".", "/", "~")):
+        if "revision" in config:
+            check.fail("serve", "speculative-config", "a local draft folder has no revision", "remove revision")
+        folder = (check.path.parent / os.path.expanduser(name)).resolve()
+        return SourceSpec(role="draft", path=folder, path_as_written=name)
+    if not REPO_ID_RE.fullmatch(name):
+        check.fail("serve", "speculative-config", f"model {name!r} is not a Hub repo id or a ./folder path")
+    check_revision(check, "serve", revision)
+    return SourceSpec(role="draft", repo=name, revision=revision)
 
 
 def check_revision(check: _Checker, role: str, revision: str) -> None:

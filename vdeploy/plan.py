@@ -190,6 +190,10 @@ def make_plan(
             return default_render(serve, None)
 
     serve = overrides.apply(lock.serve)
+    if lock.draft is not None:
+        # The draft model runs from its locked snapshot, like the main model.
+        draft = {k: v for k, v in serve["speculative-config"].items() if k != "revision"}
+        serve["speculative-config"] = {**draft, "model": str(store.snapshot_dir(lock.draft))}
     if base_dir is not None:
         # File-valued flags are written relative to the manifest; vLLM gets absolute paths.
         for key in PATH_FLAGS:

@@ -58,15 +58,23 @@ def test_two_launches_from_one_lock_answer_the_same_and_a_new_seed_differs(proje
     assert run["ready"] and run["stopped"] and run["stopped_by"] == "SIGTERM"
     assert "--seed" in run["argv"] and run["argv"][run["argv"].index("--seed") + 1] == "0"
     assert run["env"]["HF_HUB_OFFLINE"] == "1"
+    # the caller's unpinned variable was passed on, and recorded as such
+    assert run["env"]["VLLM_LOGGING_LEVEL"] == "DEBUG" and run["inherited"]["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert " DEBUG " in first.output()
     assert_nothing_left(project, run)
 
-    again = start_up(project, "--no-fetch")
+    # --pure: the same unpinned variable is recorded but not passed on
+    again = start_up(project, "--no-fetch", "--pure", env={"VLLM_LOGGING_LEVEL": "DEBUG"})
     try:
         assert complete_three(again.url, lock.deployment) == answers
     finally:
         # Ctrl-C, as a person would stop it
         assert again.stop(signal.SIGINT) in (0, 143), again.output()[-3000:]
-    assert_nothing_left(project, last_run(project))
+    pure_run = last_run(project)
+    assert pure_run["pure"] and "VLLM_LOGGING_LEVEL" not in pure_run["env"]
+    assert pure_run["inherited"]["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert " DEBUG " not in again.output()
+    assert_nothing_left(project, pure_run)
 
     _, listing, _ = project.run_vdeploy("runs")
     assert listing.count(lock.deployment[:16]) == 2
