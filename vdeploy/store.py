@@ -3,8 +3,11 @@
     <root>/models--org--name/blobs/<blob>                 the bytes, named by content
     <root>/models--org--name/snapshots/<commit>/<path>    relative symlinks into blobs/
     <root>/.locks/models--org--name/<blob>.lock           per-blob file locks (as huggingface_hub)
-    <root>/.vdeploy/fingerprints.json                     files already hashed: size, mtime, inode
-    <root>/.vdeploy/chat-templates/<sha256>.jinja         locked chat templates
+    <root>/.locks/vdeploy/fingerprints.json               files already hashed: size, mtime, inode
+    <root>/.locks/vdeploy/chat-templates/<sha256>.jinja   locked chat templates
+
+vdeploy's own files live under .locks/ because that is the one folder of the cache root that
+huggingface_hub's cache tools (`hf cache scan`) skip instead of reporting as a corrupted repo.
 
 A file appears in a snapshot only after its sha256 matched the lock. Downloads go to
 blobs/<blob>.incomplete first, so a killed fetch resumes and never leaves a bad file in view.
@@ -47,7 +50,11 @@ class Store:
         return self.snapshot_dir(source) / file.path
 
     def chat_template_path(self, sha256: str) -> Path:
-        return self.root / ".vdeploy" / "chat-templates" / f"{sha256}.jinja"
+        return self.meta_dir / "chat-templates" / f"{sha256}.jinja"
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / ".locks" / "vdeploy"
 
     def blob_lock(self, source: LockedSource, file: LockedFile):
         from filelock import FileLock
@@ -64,7 +71,7 @@ class Fingerprints:
     """The record of files already hashed, so a fast verify need not read them again."""
 
     def __init__(self, store: Store) -> None:
-        self.path = store.root / ".vdeploy" / "fingerprints.json"
+        self.path = store.meta_dir / "fingerprints.json"
         self.records: dict[str, list] = {}
         self.changed: dict[str, list] = {}
         self._mutex = threading.Lock()
