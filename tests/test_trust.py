@@ -130,7 +130,7 @@ def test_code_from_another_repo_is_resolved_and_pinned_as_its_own_source(project
     project.run_vdeploy("lock")
     assert loads_lock(project.lock.read_text()).code[0].commit == code_commit
     _, _, err = project.run_vdeploy("lock", "--update")
-    assert f"changed modeling_shared.py" in err
+    assert "changed modeling_shared.py" in err
 
     project.run_vdeploy("fetch")
     moved = loads_lock(project.lock.read_text()).code[0]

@@ -61,21 +61,14 @@ def lock(
 @app.command()
 def fetch(manifest: ManifestArg = None) -> None:
     """Download the locked files into the store, each checked against its sha256."""
-    from vdeploy.locking import check_lock_is_current
+    from vdeploy.locking import check_lock_is_current, fetch_locked
     from vdeploy.manifest import load_manifest
-    from vdeploy.store import Store, fetch as fetch_files
+    from vdeploy.store import Store
 
     loaded = load_manifest(manifest)
     current = check_lock_is_current(loaded)
     store = Store(loaded.store_path())
-    report = fetch_files(
-        current.sources,
-        store,
-        current.chat_template,
-        loaded.chat_template.read() if loaded.chat_template else None,
-        {s.role: s.path for s in loaded.sources if s.is_local},
-        say=say,
-    )
+    report = fetch_locked(loaded, current, store, say)
     say(
         f"store {store.root}: {report.downloaded} downloaded ({report.downloaded_bytes} bytes), "
         f"{report.reused} reused, {report.imported} imported, {report.present} already present"

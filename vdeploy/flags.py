@@ -18,11 +18,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vdeploy.atomic import write_atomically
 from vdeploy.errors import LaunchError, ManifestError
 from vdeploy.manifest import (
     SECRET_FLAGS,
@@ -31,6 +31,7 @@ from vdeploy.manifest import (
     did_you_mean,
     manifest_problem,
     sha256_hex,
+    vdeploy_cache_dir,
 )
 
 CATALOGUE_FORMAT = 1  # bump when flagprobe's answer changes shape: old cache files are then rebuilt
@@ -185,7 +186,9 @@ def load_catalogue(engine_spec: str, python: str = sys.executable, build: bool =
         return cached
     catalogue = probe_catalogue(python)
     probed = _normalise_engine(catalogue.engine)
-    _write_atomically(_cache_file(probed), catalogue)  # worth keeping even when it is not the one asked for
+    # worth keeping even when it is not the one asked for
+    text = json.dumps(catalogue.to_json(), indent=1, sort_keys=True) + "\n"
+    write_atomically(_cache_file(probed), text.encode())
     if probed != wanted:
         raise LaunchError(
             f"{python} runs {catalogue.engine}, not {engine_spec}; "
@@ -194,16 +197,9 @@ def load_catalogue(engine_spec: str, python: str = sys.executable, build: bool =
     return catalogue
 
 
-def catalogue_cache_dir() -> Path:
-    if os.environ.get("VDEPLOY_CACHE_DIR"):
-        return Path(os.environ["VDEPLOY_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base).expanduser() / "vdeploy"
-
-
 def _cache_file(engine: str) -> Path:
     """flags/<distribution>-<version>.json in the cache folder."""
-    return catalogue_cache_dir() / "flags" / f"{engine.replace('==', '-')}.json"
+    return vdeploy_cache_dir() / "flags" / f"{engine.replace('==', '-')}.json"
 
 
 def _normalise_engine(spec: str) -> str:
@@ -222,15 +218,6 @@ def _read_cached(path: Path, engine: str) -> Catalogue | None:
     if _normalise_engine(str(data.get("engine", ""))) != engine:
         return None
     return Catalogue.from_json(data)
-
-
-def _write_atomically(path: Path, catalogue: Catalogue) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(catalogue.to_json(), out, indent=1, sort_keys=True)
-        out.write("\n")
-    os.replace(temporary, path)
 
 
 def parse_engine_argv(python: str, argv: list[str]) -> dict[str, Any]:

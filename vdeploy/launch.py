@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vdeploy.atomic import write_atomically
 from vdeploy.engine import find_launcher, installed_engine
 from vdeploy.errors import LaunchError, StoreError
 from vdeploy.lockfile import EngineInfo, Lock
 from vdeploy.manifest import Manifest
 from vdeploy.plan import Overrides, Plan, make_plan, redact
-from vdeploy.store import Store, fetch, verify
+from vdeploy.store import Store, verify
 
 STOP_GRACE_SECONDS = 20
 HEALTH_POLL_SECONDS = 0.5
@@ -28,6 +28,8 @@ HEALTH_POLL_SECONDS = 0.5
 
 def ensure_store(manifest: Manifest, lock: Lock, store: Store, allow_fetch: bool, say: Callable[[str], None]) -> None:
     """Verify the store; fetch what is missing (verified) unless told not to."""
+    from vdeploy.locking import fetch_locked
+
     report = verify(lock, store)
     if report.ok:
         return
@@ -36,14 +38,7 @@ def ensure_store(manifest: Manifest, lock: Lock, store: Store, allow_fetch: bool
         hint = "remove the extra files" if report.extra else "run `vdeploy fetch` (or drop --no-fetch)"
         raise StoreError(f"store {store.root} does not match the lock ({shown}); {hint}")
     say(f"store lacks {len(report.missing) + len(report.mismatched)} locked file(s); fetching")
-    fetch(
-        lock.sources,
-        store,
-        lock.chat_template,
-        manifest.chat_template.read() if manifest.chat_template else None,
-        {s.role: s.path for s in manifest.sources if s.is_local},
-        say=say,
-    )
+    fetch_locked(manifest, lock, store, say)
     report = verify(lock, store)
     if not report.ok:
         raise StoreError(f"store {store.root} still fails verification: {'; '.join(report.problems()[:3])}")
@@ -140,10 +135,7 @@ class RunRecord:
     data: dict[str, Any]
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _now() -> str:

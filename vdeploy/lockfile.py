@@ -7,16 +7,15 @@ timestamps or machine paths, so the same inputs always give the same bytes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vdeploy.atomic import write_atomically
 from vdeploy.errors import LockError
-from vdeploy.manifest import LOCK_NAME, OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex
+from vdeploy.manifest import LOCK_NAME, OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex, vdeploy_cache_dir
 from vdeploy.safety import path_problem
 from vdeploy.trust import AutoMapEntry
 
@@ -369,7 +368,7 @@ def read_lock(path: Path) -> Lock:
     data = _parse_lock_text(text, str(path))
     lock = lock_from_data(data, str(path))
     try:
-        _write_atomically(cache, json.dumps({"sha256": digest, "lock": data}).encode())
+        write_atomically(cache, json.dumps({"sha256": digest, "lock": data}).encode())
     except (OSError, TypeError, ValueError):
         pass  # the cache is only an optimisation (TOML dates, say, are not JSON)
     return lock
@@ -377,23 +376,8 @@ def read_lock(path: Path) -> Lock:
 
 def _parse_cache_path(lock_path: Path) -> Path:
     """One cached parse per lockfile location, in vdeploy's cache folder."""
-    base = os.environ.get("VDEPLOY_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vdeploy"
-    )
     key = sha256_hex(str(lock_path.resolve()).encode())[:32]
-    return Path(base).expanduser() / "parsed-locks" / f"{key}.json"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return vdeploy_cache_dir() / "parsed-locks" / f"{key}.json"
 
 
 def write_lock(path: Path, lock: Lock) -> bool:
@@ -401,14 +385,7 @@ def write_lock(path: Path, lock: Lock) -> bool:
     text = dumps_lock(lock)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
-    fd, tmp = tempfile.mkstemp(prefix=".vdeploy.lock.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text.encode("utf-8"))
     return True
 
 

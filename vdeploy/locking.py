@@ -264,6 +264,18 @@ def describe_code_changes(before: LockedSource, after: LockedSource) -> list[str
     )
 
 
+def fetch_locked(manifest: Manifest, lock: Lock, store: Store, say: Callable[[str], None]):
+    """Fetch everything the lock pins; local folders and the chat template come from the manifest."""
+    return fetch(
+        lock.sources,
+        store,
+        lock.chat_template,
+        manifest.chat_template.read() if manifest.chat_template else None,
+        {s.role: s.path for s in manifest.sources if s.is_local},
+        say=say,
+    )
+
+
 def check_lock_is_current(manifest: Manifest) -> Lock:
     """The lock, if it matches the manifest; else a LockError naming what changed."""
     from vdeploy.lockfile import stale_reasons

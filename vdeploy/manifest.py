@@ -172,6 +172,13 @@ def default_hf_cache() -> Path:
     return (Path(home).expanduser() / "hub").resolve()
 
 
+def vdeploy_cache_dir() -> Path:
+    """vdeploy's own cache (engine flag catalogues, parsed locks): $VDEPLOY_CACHE_DIR, else the XDG cache."""
+    if os.environ.get("VDEPLOY_CACHE_DIR"):
+        return Path(os.environ["VDEPLOY_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")).expanduser() / "vdeploy"
+
+
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

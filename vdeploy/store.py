@@ -19,13 +19,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vdeploy.atomic import write_atomically
 from vdeploy.errors import StoreError
 from vdeploy.hashing import sha256_file
 from vdeploy.lockfile import Lock, LockedChatTemplate, LockedFile, LockedSource
@@ -115,21 +115,9 @@ class Fingerprints:
                     current.pop(key, None)
                 else:
                     current[key] = value
-            _write_atomically(self.path, json.dumps(current, sort_keys=True).encode())
+            write_atomically(self.path, json.dumps(current, sort_keys=True).encode())
         self.records = current
         self.changed = {}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- verify ------------------------------------------------------------------------------
@@ -440,7 +428,7 @@ def _place_chat_template(store: Store, sha256: str, template_bytes: bytes | None
         return
     if template_bytes is None or sha256_hex(template_bytes) != sha256:
         raise StoreError("the chat template changed since it was locked; run `vdeploy lock`")
-    _write_atomically(path, template_bytes)
+    write_atomically(path, template_bytes)
 
 
 def _human(size: int) -> str:
