@@ -27,7 +27,7 @@ from pathlib import Path
 
 from vdeploy.atomic import write_atomically
 from vdeploy.errors import StoreError
-from vdeploy.hashing import sha256_file
+from vdeploy.hashing import sha256_file, sha256_stored_file
 from vdeploy.lockfile import Lock, LockedChatTemplate, LockedFile, LockedSource
 
 FETCH_WORKERS = 4
@@ -200,7 +200,7 @@ def verify(lock: Lock, store: Store, full: bool = False) -> VerifyReport:
 
     def check(item: tuple[str, str, LockedFile | None]) -> tuple[str, bool]:
         label, path, file = item
-        digest = sha256_file(Path(path))
+        digest = sha256_stored_file(Path(path))
         expected = file.sha256 if file is not None else lock.chat_template.sha256  # type: ignore[union-attr]
         if file is not None:
             if digest == expected:
