@@ -25,11 +25,23 @@ def test_the_tiny_build_script_reproduces_exactly_the_bytes_its_lock_pins(tmp_pa
     assert built == {f.path: (f.size, f.sha256) for f in lock.model.files}
 
 
-def test_every_example_manifest_loads():
+def test_every_example_manifest_loads_and_its_flags_pass_the_engine(monkeypatch, vdeploy_cache):
+    import pytest
+
+    from vdeploy.engine import installed_engine
+    from vdeploy.flags import check_serve, load_catalogue
+
+    running = installed_engine()
+    if running is None:
+        pytest.skip("needs vLLM installed")
+    monkeypatch.setenv("VDEPLOY_CACHE_DIR", str(vdeploy_cache))
+    catalogue = load_catalogue(running.spec)
     manifests = sorted(EXAMPLES.glob("*/vdeploy.toml"))
-    assert len(manifests) >= 1
+    assert {p.parent.name for p in manifests} >= {"tiny", "all-flags", "qwen3", "multi-gpu"}
     for path in manifests:
-        assert load_manifest(path).model is not None
+        manifest = load_manifest(path)
+        checked, skipped = check_serve(manifest.serve, catalogue, manifest)
+        assert skipped == [] and checked.keys() == manifest.serve.keys()
 
 
 def test_the_quick_start_lock_is_current_and_its_store_fills_from_the_built_model(project):

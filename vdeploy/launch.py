@@ -276,6 +276,8 @@ def run_plan(
         elif process.poll() is None and stopping["signal"] is None:
             say(f"vLLM did not answer {plan.url}/health within {health_timeout:.0f} s; stopping it")
             stop_group(process)
+        elif stopping["signal"] is None:
+            say(f"vLLM exited with code {process.returncode} before it was ready; its log is above")
         while process.poll() is None:
             try:
                 process.wait(timeout=1)
