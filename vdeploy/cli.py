@@ -260,6 +260,13 @@ def main() -> None:
             raise
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
+    except OSError as exc:
+        # The file system said no (permissions, a full disk): the user's to fix, not a crash.
+        if os.environ.get("VDEPLOY_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.secho(f"error: {exc.strerror or exc}{where}; set VDEPLOY_DEBUG=1 for details", fg="red", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 

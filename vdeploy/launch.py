@@ -19,7 +19,7 @@ from vdeploy.engine import find_launcher, installed_engine
 from vdeploy.errors import LaunchError, StoreError
 from vdeploy.lockfile import EngineInfo, Lock
 from vdeploy.manifest import Manifest
-from vdeploy.plan import Overrides, Plan, make_plan, redact
+from vdeploy.plan import PATH_FLAGS, Overrides, Plan, make_plan, redact
 from vdeploy.store import Store, verify
 
 STOP_GRACE_SECONDS = 20
@@ -53,7 +53,7 @@ def resolve_secrets(plan: Plan, caller_env: Mapping[str, str], folder: Path) -> 
                 raise LaunchError(f"[serve] api-key: environment variable {where} is not set; export it before `vdeploy up`")
             values[name] = caller_env[where]
         else:
-            path = (folder / where).expanduser()
+            path = folder / Path(where).expanduser()
             try:
                 values[name] = path.read_text().strip()
             except OSError as exc:
@@ -111,15 +111,12 @@ def check_serve_on_engine(manifest: Manifest, lock: Lock) -> None:
     check_serve(manifest.serve, engine_catalogue(lock), manifest)
 
 
-TLS_FLAGS = ("ssl-keyfile", "ssl-certfile", "ssl-ca-certs")
-
-
 def check_tls_files(plan_serve: Mapping[str, Any], base_dir: Path) -> None:
     """TLS files must be readable when vLLM starts, and a private key private."""
-    for key in TLS_FLAGS:
+    for key in PATH_FLAGS:
         if key not in plan_serve:
             continue
-        path = (base_dir / str(plan_serve[key])).expanduser()
+        path = base_dir / Path(str(plan_serve[key])).expanduser()
         if not path.is_file() or not os.access(path, os.R_OK):
             raise LaunchError(f"[serve] {key}: {path} does not exist or cannot be read; fix the path")
         if key == "ssl-keyfile" and path.stat().st_mode & 0o077:
@@ -208,7 +205,12 @@ def wait_healthy(plan: Plan, process: Any, timeout: float) -> bool:
     import urllib.error
     import urllib.request
 
-    context = ssl._create_unverified_context() if plan.url.startswith("https") else None  # a localhost probe of our own server
+    context = None
+    if plan.url.startswith("https"):
+        # A probe of the server we just started, often with a self-signed certificate.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         try:

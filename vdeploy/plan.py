@@ -198,7 +198,7 @@ def make_plan(
         # File-valued flags are written relative to the manifest; vLLM gets absolute paths.
         for key in PATH_FLAGS:
             if isinstance(serve.get(key), str):
-                serve[key] = str((base_dir / serve[key]).expanduser())
+                serve[key] = str(base_dir / Path(serve[key]).expanduser())
     model_dir = str(store.snapshot_dir(lock.model))
     argv: list[str] = list(launcher.command)
     argv += [model_dir] if launcher.model_positional else ["--model", model_dir]
