@@ -19,6 +19,8 @@ app = typer.Typer(
     add_completion=False,
     # Pretty exceptions print local variables, which can hold a token.
     pretty_exceptions_enable=False,
+    # Plain help: importing rich to draw boxes would double the start-up of `--help`.
+    rich_markup_mode=None,
 )
 
 ManifestArg = Annotated[
