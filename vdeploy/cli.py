@@ -117,7 +117,8 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Print the exact argv and environment `vdeploy up` will use (no vLLM import)."""
-    from vdeploy.launch import plan_for, sampling_defaults
+    from vdeploy.engine import installed_engine
+    from vdeploy.launch import engine_catalogue, plan_for, sampling_defaults
     from vdeploy.locking import check_lock_is_current
     from vdeploy.manifest import load_manifest
     from vdeploy.plan import Overrides, format_plan
@@ -126,7 +127,8 @@ def plan(
     loaded = load_manifest(manifest)
     current = check_lock_is_current(loaded)
     store = Store(loaded.store_path())
-    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ, loaded.folder)
+    catalogue = engine_catalogue(current, installed_engine())
+    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ, loaded.folder, catalogue)
     defaults = sampling_defaults(store, current)
     if as_json:
         emit_json(the_plan.to_json(defaults))
@@ -149,9 +151,10 @@ def up(
 ) -> None:
     """Verify the store (fetching what it lacks), then launch vLLM from the lock."""
     from vdeploy.engine import check_engine
+    from vdeploy.flags import check_serve
     from vdeploy.launch import (
-        check_serve_on_engine,
         check_tls_files,
+        engine_catalogue,
         ensure_store,
         plan_for,
         resolve_secrets,
@@ -168,10 +171,12 @@ def up(
     engine, drift = check_engine(current, allow_engine_drift)
     store = Store(loaded.store_path())
     ensure_store(loaded, current, store, allow_fetch=not no_fetch, say=say)
-    check_serve_on_engine(loaded, current)
+    # [serve] is checked against the engine that runs, whatever the lock was checked against.
+    catalogue = engine_catalogue(current, engine)
+    check_serve(loaded.serve, catalogue, loaded)
     overrides = Overrides(host=host, port=port)
     check_tls_files(overrides.apply(current.serve), loaded.folder)
-    the_plan = plan_for(current, store, overrides, os.environ, loaded.folder)
+    the_plan = plan_for(current, store, overrides, os.environ, loaded.folder, catalogue)
     secrets = resolve_secrets(the_plan, os.environ, loaded.folder)
     env = the_plan.child_env(os.environ, pure, secrets)
     if drift:

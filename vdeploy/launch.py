@@ -73,12 +73,11 @@ def sampling_defaults(store: Store, lock: Lock) -> dict[str, Any]:
     return {k: config[k] for k in keys if k in config}
 
 
-def engine_catalogue(lock: Lock):
+def engine_catalogue(lock: Lock, running: EngineInfo | None):
     """The flags of the engine that will run: the installed one (probed once, cached), else the
     locked one if its catalogue is cached, else None (then rendering goes by TOML types)."""
     from vdeploy.flags import load_catalogue
 
-    running = installed_engine()
     if running is not None:
         return load_catalogue(running.spec)
     return load_catalogue(lock.engine.spec, build=False) if lock.engine else None
@@ -94,21 +93,16 @@ def installed_catalogue():
     return load_catalogue(running.spec)
 
 
-def plan_for(lock: Lock, store: Store, overrides: Overrides, caller_env: Mapping[str, str], base_dir: Path) -> Plan:
+def plan_for(
+    lock: Lock, store: Store, overrides: Overrides, caller_env: Mapping[str, str], base_dir: Path, catalogue
+) -> Plan:
+    """The plan, with [serve] rendered the way the given engine catalogue says (None: by TOML types)."""
     from vdeploy.flags import render_serve
 
-    catalogue = engine_catalogue(lock)
     return make_plan(
         lock, store, find_launcher(), overrides, caller_env, base_dir,
         render_serve=lambda serve: render_serve(serve, catalogue),
     )
-
-
-def check_serve_on_engine(manifest: Manifest, lock: Lock) -> None:
-    """`up` checks [serve] against the engine that runs, whatever the lock was checked against."""
-    from vdeploy.flags import check_serve
-
-    check_serve(manifest.serve, engine_catalogue(lock), manifest)
 
 
 def check_tls_files(plan_serve: Mapping[str, Any], base_dir: Path) -> None:
