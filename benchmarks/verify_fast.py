@@ -12,31 +12,14 @@ Always exits 0: benchmarks report, tests assert.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench_cli import cli_env, lock_local_folder, timed_vdeploy
+
 TARGET_SECONDS = 0.1
-
-
-def cli_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "VDEPLOY_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", VDEPLOY_CACHE_DIR=str(home))
-    return env
-
-
-def timed(args: list[str], env: dict[str, str], expect: int = 0) -> float:
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "vdeploy", *args], env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if done.returncode != expect:
-        raise SystemExit(f"vdeploy {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
-    return elapsed
 
 
 def build_project(root: Path, files: int, env: dict[str, str]) -> None:
@@ -46,13 +29,7 @@ def build_project(root: Path, files: int, env: dict[str, str]) -> None:
         path = ckpt / f"part-{index // 100:02d}" / f"file-{index:04d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f'{{"index": {index}}}\n')
-    manifest = '[model]\npath = "ckpt"\n\n[store]\ndownload-dir = "store"\n'
-    from vdeploy.engine import installed_engine
-
-    if installed_engine() is None:
-        manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
-    (root / "vdeploy.toml").write_text(manifest)
-    timed(["lock", str(root)], env)
+    lock_local_folder(root, env)
 
 
 def main() -> None:
@@ -66,22 +43,22 @@ def main() -> None:
         env = cli_env(work / "home")
         project = work / "project"
         build_project(project, args.files, env)
-        timed(["verify", str(project)], env)  # warm the page cache and the import caches
+        timed_vdeploy(["verify", str(project)], env)  # warm the page cache and the import caches
 
         # Interleaved, so drifting machine load hits both series alike.
         verify_times, help_times, parse_times = [], [], []
         nowhere = str(work / "no-such-folder")
         for _ in range(args.runs):
-            verify_times.append(timed(["verify", str(project)], env))
-            help_times.append(timed(["--help"], env))
+            verify_times.append(timed_vdeploy(["verify", str(project)], env))
+            help_times.append(timed_vdeploy(["--help"], env))
             # The same command, failing right after typer has parsed its arguments.
-            parse_times.append(timed(["verify", nowhere], env, expect=1))
+            parse_times.append(timed_vdeploy(["verify", nowhere], env, expect=1))
         verify_median = statistics.median(verify_times)
         help_median = statistics.median(help_times)
         parse_median = statistics.median(parse_times)
         beyond = verify_median - help_median
 
-        full = timed(["verify", "--full", str(project)], env)
+        full = timed_vdeploy(["verify", "--full", str(project)], env)
         verdict = "PASS" if beyond < TARGET_SECONDS else "FAIL"
         print(f"lock: {args.files} files")
         print(f"verify_fast_median: {verify_median:.3f} s over {args.runs} runs")
@@ -89,7 +66,7 @@ def main() -> None:
         print(f"verify_full_once: {full:.3f} s (information: the same lock, every file re-hashed)")
         print(
             f"verify_argument_parsing_median: {parse_median:.3f} s (information: `vdeploy verify <missing folder>`, "
-            f"{parse_median - help_median:+.3f} s over --help, spent in typer before vdeploy's code runs)"
+            f"{parse_median - help_median:+.3f} s over --help: argument parsing and the manifest lookup)"
         )
         print(
             f"verify_fast_beyond_argument_parsing: {verify_median - parse_median:.3f} s "

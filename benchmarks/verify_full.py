@@ -24,20 +24,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench_cli import cli_env, lock_local_folder, timed_vdeploy
+
 TARGET_FACTOR = 0.8
-
-
-def cli_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "VDEPLOY_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", VDEPLOY_CACHE_DIR=str(home))
-    return env
-
-
-def vdeploy(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vdeploy", *args], env=env, capture_output=True, text=True)
 
 
 def cores() -> int:
@@ -108,23 +99,9 @@ def build_store(root: Path, shards: int, shard_bytes: int, env: dict[str, str]) 
                 out.write(index.to_bytes(4, "little") + chunk[4:])
                 written += len(chunk)
     (ckpt / "config.json").write_text('{"architectures": ["Synthetic"]}\n')
-    manifest = '[model]\npath = "ckpt"\n\n[store]\ndownload-dir = "store"\n'
-    from vdeploy.engine import installed_engine
-
-    if installed_engine() is None:
-        manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
-    (root / "vdeploy.toml").write_text(manifest)
-    done = vdeploy("lock", str(root), env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"vdeploy lock failed:\n{done.stderr}")
+    lock_local_folder(root, env)
     shutil.rmtree(ckpt)  # the store holds its own copies now
     return [p for p in (root / "store").glob("models--*/blobs/*")]
-
-
-def _timed_help(env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    vdeploy("--help", env=env)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -144,16 +121,11 @@ def main() -> None:
 
         times = []
         for _ in range(args.runs):
-            start = time.perf_counter()
-            done = vdeploy("verify", "--full", str(work / "project"), env=env)
-            times.append(time.perf_counter() - start)
-            if done.returncode != 0:
-                print(f"verify --full failed:\n{done.stderr}")
-                return
+            times.append(timed_vdeploy(["verify", "--full", str(work / "project")], env))
         cached_after = cached_fraction(blobs)
         median = statistics.median(times)
         throughput = total / median
-        startup = statistics.median(_timed_help(env) for _ in range(3))
+        startup = statistics.median(timed_vdeploy(["--help"], env) for _ in range(3))
 
         single = openssl_sha256_speed()
         n = cores()
