@@ -14,6 +14,8 @@ import pytest
 
 from fakehub import FakeHub
 
+from manifests import pin_engine
+
 
 @pytest.fixture(scope="session")
 def fake_hub():
@@ -59,8 +61,9 @@ class Project:
         """The default store: the Hugging Face cache under this project's HF_HOME."""
         return self.home / "hub"
 
-    def write_manifest(self, text: str) -> Path:
-        self.manifest.write_text(text, encoding="utf-8")
+    def write_manifest(self, text: str, engine: bool = True) -> Path:
+        """Write vdeploy.toml; engine=True adds [runtime] engine = TEST_ENGINE unless it names one."""
+        self.manifest.write_text(pin_engine(text) if engine else text, encoding="utf-8")
         return self.manifest
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -29,7 +29,8 @@ def test_every_example_manifest_loads_and_its_flags_pass_the_engine(monkeypatch,
     import pytest
 
     from vdeploy.engine import installed_engine
-    from vdeploy.flags import check_serve, load_catalogue
+    from vdeploy.flags import check_serve
+    from vdeploy.probe import load_catalogue
 
     running = installed_engine()
     if running is None:
@@ -50,10 +51,12 @@ def test_the_quick_start_lock_is_current_and_its_store_fills_from_the_built_mode
     sys.path.insert(0, str(EXAMPLES / "tiny"))
     from build_model import build_model
 
-    tiny = project.folder / "tiny"
-    tiny.mkdir()
+    # The repository's layout: the example names ../../constraints/engine-cpu.txt.
+    tiny = project.folder / "examples" / "tiny"
+    tiny.mkdir(parents=True)
     for name in ("vdeploy.toml", "vdeploy.lock"):
         shutil.copy(EXAMPLES / "tiny" / name, tiny / name)
+    shutil.copytree(EXAMPLES.parent / "constraints", project.folder / "constraints")
     build_model(tiny / "model")
     _, out, err = project.run_vdeploy("up", "--dry-run", tiny)
     lock = loads_lock((tiny / "vdeploy.lock").read_text())

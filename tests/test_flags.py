@@ -17,15 +17,9 @@ from pathlib import Path
 import pytest
 
 from vdeploy.engine import installed_engine
-from vdeploy.errors import LaunchError, ManifestError, VdeployError
-from vdeploy.flags import (
-    NO_ENGINE,
-    check_serve,
-    load_catalogue,
-    parse_engine_argv,
-    parse_size,
-    render_serve,
-)
+from vdeploy.errors import EngineError, ManifestError, VdeployError
+from vdeploy.flags import NO_ENGINE, check_serve, parse_size, render_serve
+from vdeploy.probe import load_catalogue, parse_engine_argv
 from vdeploy.init import manifest_from_command
 from vdeploy.manifest import OWNED_FLAGS, load_manifest
 
@@ -247,7 +241,7 @@ def test_all_flags_example_is_accepted_by_the_real_parser(catalogue, tmp_path):
 
 
 def test_the_real_parser_refusal_is_one_line(catalogue, tmp_path):
-    with pytest.raises(LaunchError) as caught:
+    with pytest.raises(EngineError) as caught:
         parse_engine_argv(sys.executable, [str(tmp_path), "--dtype", "fp64"])
     assert "\n" not in str(caught.value)
     assert "invalid choice: 'fp64'" in str(caught.value)

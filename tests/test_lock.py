@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from manifests import pin_engine
 
 from vdeploy.lockfile import Lock, dumps_lock, loads_lock
 
@@ -37,7 +38,8 @@ def one_line(stderr: str) -> str:
 
 
 def store_repos(store: Path) -> list[str]:
-    return sorted(p.name for p in store.glob("models--*")) if store.exists() else []
+    """The repos with a snapshot in the store (`lock` may keep small blobs it read, never snapshots)."""
+    return sorted({p.parent.parent.name for p in store.glob("models--*/snapshots/*")}) if store.exists() else []
 
 
 @pytest.fixture
@@ -60,7 +62,7 @@ def test_branch_tag_and_commit_resolve_to_their_commits(project, fake_hub, repo_
     for revision, expected in [("main", head), ("v1.0", first), ("stable", first), (first, first)]:
         folder = project.folder / revision[:12].replace(".", "_")
         folder.mkdir()
-        (folder / "vdeploy.toml").write_text(hub_manifest(repo_id, revision))
+        (folder / "vdeploy.toml").write_text(pin_engine(hub_manifest(repo_id, revision)))
         project.run_vdeploy("lock", folder)
         lock = read_lock(folder / "vdeploy.lock")
         assert (lock.model.revision, lock.model.commit) == (revision, expected)
@@ -117,7 +119,7 @@ def test_new_upstream_commit_does_not_move_the_lock_without_update(project, fake
     assert not [r for r in fake_hub.requests if repo in r[1]], "re-locking an unchanged source asked the Hub"
 
     code, out, err = project.run_vdeploy("lock", "--update")
-    assert f"moved model: {repo} main {first[:12]} → {second[:12]}" in err
+    assert f"moved model: {repo} main changed: {first[:12]} → {second[:12]}" in err
     lock = read_lock(project.lock)
     assert lock.model.commit == second
     assert lock.model.file("config.json").sha256 == sha256(b'{"changed": 1}\n')
@@ -167,11 +169,11 @@ env = {{ OMP_NUM_THREADS = "2", VLLM_LOGGING_LEVEL = "INFO" }}
 def _rich_project(folder: Path, repo: str, tokenizer: str) -> None:
     (folder / "templates").mkdir(parents=True)
     (folder / "templates" / "chat.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    (folder / "vdeploy.toml").write_text(
+    (folder / "vdeploy.toml").write_text(pin_engine(
         hub_manifest(repo, extra='include = ["*.json", "*.safetensors"]\n')
         + RICH_EXTRA.format(tokenizer=tokenizer)
         + '\n[store]\ndownload-dir = "models"\n'
-    )
+    ))
 
 
 def test_lock_bytes_are_deterministic(project, fake_hub, model_repo, tmp_path):
@@ -198,7 +200,7 @@ def test_lock_bytes_are_deterministic(project, fake_hub, model_repo, tmp_path):
     assert [f.path for f in lock.model.files] == ["config.json", "model.safetensors", "sub/dir/extra.json"]
     assert lock.chat_template.origin == "file" and lock.chat_template.file == "templates/chat.jinja"
     assert lock.serve["api-key"] == {"env": "VLLM_API_KEY"}
-    assert text.startswith("# vdeploy.lock") and "\nversion = 1\n" in text
+    assert text.startswith("# vdeploy.lock") and "\nversion = 2\n" in text
     assert "\r" not in text and text.endswith("\n")
 
 
@@ -441,20 +443,24 @@ def test_a_missing_local_folder_is_one_line(project):
     assert "ckpt" in one_line(err) and "not a folder" in err
 
 
-def test_read_lock_caches_its_parse_but_never_serves_a_stale_one(project, model_repo, monkeypatch, tmp_path):
+def test_lock_caches_its_parse_reading_writes_nothing_and_never_serves_a_stale_one(
+    project, model_repo, monkeypatch, tmp_path,
+):
     from vdeploy.lockfile import read_lock as read_lock_file
 
-    monkeypatch.setenv("VDEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VDEPLOY_CACHE_DIR", str(cache))
     repo, sha = model_repo
     project.write_manifest(hub_manifest(repo))
-    project.run_vdeploy("lock")
+    project.run_vdeploy("lock", env={"VDEPLOY_CACHE_DIR": str(cache)})
     text = project.lock.read_text()
-    assert read_lock_file(project.lock) == loads_lock(text)
-    (cached,) = (tmp_path / "cache").rglob("*.json")
+    (cached,) = (cache / "parsed-locks").glob("*.json")  # written by `lock`
     assert read_lock_file(project.lock) == loads_lock(text)  # from the cache
 
     edited = text.replace(f'commit = "{sha}"', f'commit = "{"0" * 40}"')
     project.lock.write_text(edited)
     assert read_lock_file(project.lock).model.commit == "0" * 40
+    assert list((cache / "parsed-locks").glob("*.json")) == [cached]  # reading wrote nothing
     cached.write_text("{not json")
-    assert read_lock_file(project.lock).model.commit == "0" * 40
+    project.lock.write_text(text)
+    assert read_lock_file(project.lock) == loads_lock(text)  # a broken cache entry is only skipped

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from manifests import pin_engine
 
 from vdeploy.errors import ManifestError
 from vdeploy.manifest import find_manifest, load_manifest
@@ -31,7 +32,7 @@ BAD_MANIFESTS = [
     (
         "unknown-key-far-from-any",
         GOOD_MODEL + '[runtime]\nseed = 1\nzzzzzz = 2\n',
-        "zzzzzz", 5, ["unknown key", "known: engine, env, seed"],
+        "zzzzzz", 5, ["unknown key", "known: engine, engine-environment, engine-image, env, seed"],
     ),
     (
         "unknown-policy-key",
@@ -238,7 +239,7 @@ def test_cli_accepts_a_folder_and_writes_the_lock_beside_the_manifest(project, t
     """A folder argument from elsewhere: the lock lands next to its manifest, not in the cwd."""
     deploy = tmp_path / "elsewhere"
     _write(deploy / "ckpt" / "config.json", '{"a": 1}')
-    _write(deploy / "vdeploy.toml", '[model]\npath = "ckpt"\n[store]\ndownload-dir = "models"\n')
+    _write(deploy / "vdeploy.toml", pin_engine('[model]\npath = "ckpt"\n[store]\ndownload-dir = "models"\n'))
     code, stdout, stderr = project.run_vdeploy("lock", deploy)
     assert (deploy / "vdeploy.lock").is_file()
     assert not project.lock.exists()

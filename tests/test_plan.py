@@ -144,12 +144,12 @@ def test_up_no_fetch_refuses_a_store_that_fails_verification(locked):
 
 
 def test_up_refuses_an_engine_other_than_the_locked_one_unless_allowed(locked):
-    text = locked.lock.read_text()
-    lock = loads_lock(text)
-    locked.lock.write_text(text.replace(f'version = "{lock.engine.version}"', 'version = "0.0.1"', 1))
+    installed = loads_lock(locked.lock.read_text()).engine
+    locked.write_manifest(local_manifest(runtime=f'engine = "{installed.distribution}==0.0.1"'))
+    locked.run_vdeploy("lock")
     _, _, err = locked.run_vdeploy("up", "--dry-run", expect=1)
     line = error_line(err)
-    assert f"{lock.engine.distribution}==0.0.1 locked, {lock.engine.spec} installed" in line
+    assert f"{installed.distribution} 0.0.1 locked, {installed.version} installed" in line
     assert "--allow-engine-drift" in line
     _, out, err = locked.run_vdeploy("up", "--dry-run", "--allow-engine-drift")
     assert "engine drift allowed" in err and "--seed" in out

@@ -130,7 +130,7 @@ def test_code_from_another_repo_is_resolved_and_pinned_as_its_own_source(project
     project.run_vdeploy("lock")
     assert loads_lock(project.lock.read_text()).code[0].commit == code_commit
     _, _, err = project.run_vdeploy("lock", "--update")
-    assert "changed modeling_shared.py" in err
+    assert "modeling_shared.py changed" in err
 
     project.run_vdeploy("fetch")
     moved = loads_lock(project.lock.read_text()).code[0]
@@ -163,7 +163,7 @@ def test_lock_update_shows_code_changes_in_their_own_section_before_writing(proj
     })
     _, _, err = project.run_vdeploy("lock", "--update")
     section = err[err.index("code changes"):err.index("wrote")]
-    for expected in ("added extra_code.py", "removed configuration_tiny.py", "changed modeling_tiny.py"):
+    for expected in ("extra_code.py added", "configuration_tiny.py removed", "modeling_tiny.py changed"):
         assert expected in section
 
 

@@ -42,20 +42,24 @@ def emit_json(value: object) -> None:
 def lock(
     manifest: ManifestArg = None,
     update: Annotated[bool, typer.Option("--update", help="Move every source to its revision's newest commit.")] = False,
+    locked: Annotated[
+        bool, typer.Option("--locked", help="Write nothing; exit 1 if locking would change the lock (for CI).")
+    ] = False,
 ) -> None:
     """Resolve the manifest against the Hub and write vdeploy.lock beside it."""
-    from vdeploy.locking import lock_manifest
+    from vdeploy.changes import render_changes
     from vdeploy.manifest import load_manifest
+    from vdeploy.resolve import lock_manifest
 
     loaded = load_manifest(manifest)
-    outcome = lock_manifest(loaded, update=update, say=say)
-    for line in outcome.moved:
-        say(f"moved {line}")
+    outcome = lock_manifest(loaded, update=update, say=say, locked=locked)
+    for line in render_changes(outcome.moved, indent="moved "):
+        say(line)
     for check in outcome.skipped:
         say(f"skipped: {check}")
     if update and not outcome.moved:
         say("no source moved")
-    state = "wrote" if outcome.written else "up to date:"
+    state = "up to date:" if locked or not outcome.written else "wrote"
     files = sum(len(s.files) for s in outcome.lock.sources)
     say(f"{state} {loaded.lock_path} ({files} files, deployment {outcome.lock.deployment[:16]})")
 
@@ -63,14 +67,12 @@ def lock(
 @app.command()
 def fetch(manifest: ManifestArg = None) -> None:
     """Download the locked files into the store, each checked against its sha256."""
-    from vdeploy.locking import check_lock_is_current, fetch_locked
-    from vdeploy.manifest import load_manifest
+    from vdeploy.prepare import fetch_for, load_locked
     from vdeploy.store import Store
 
-    loaded = load_manifest(manifest)
-    current = check_lock_is_current(loaded)
+    loaded, current = load_locked(manifest)
     store = Store(loaded.store_path())
-    report = fetch_locked(loaded, current, store, say)
+    report = fetch_for(loaded, current, store, say)
     say(
         f"store {store.root}: {report.downloaded} downloaded ({report.downloaded_bytes} bytes), "
         f"{report.reused} reused, {report.imported} imported, {report.present} already present"
@@ -91,10 +93,7 @@ def verify(
     loaded = load_manifest(manifest)
     report = verify_store(read_lock(loaded.lock_path), Store(loaded.store_path()), full=full)
     if as_json:
-        emit_json({
-            "ok": report.ok, "checked": report.checked, "missing": report.missing,
-            "mismatched": report.mismatched, "extra": report.extra,
-        })
+        emit_json(report.to_json())
     else:
         for problem in report.problems():
             say(problem)
@@ -117,23 +116,13 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Print the exact argv and environment `vdeploy up` will use (no vLLM import)."""
-    from vdeploy.engine import installed_engine
-    from vdeploy.launch import engine_catalogue, plan_for, sampling_defaults
-    from vdeploy.locking import check_lock_is_current
-    from vdeploy.manifest import load_manifest
-    from vdeploy.plan import Overrides, format_plan
-    from vdeploy.store import Store
+    from vdeploy.prepare import Options, prepare
 
-    loaded = load_manifest(manifest)
-    current = check_lock_is_current(loaded)
-    store = Store(loaded.store_path())
-    catalogue = engine_catalogue(current, installed_engine())
-    the_plan = plan_for(current, store, Overrides(host=host, port=port), os.environ, loaded.folder, catalogue)
-    defaults = sampling_defaults(store, current)
+    prepared = prepare(manifest, Options(host=host, port=port))
     if as_json:
-        emit_json(the_plan.to_json(defaults))
+        emit_json(prepared.to_json())
     else:
-        typer.echo(format_plan(the_plan, defaults))
+        typer.echo(prepared.describe())
 
 
 @app.command()
@@ -150,59 +139,60 @@ def up(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for /health.")] = 900,
 ) -> None:
     """Verify the store (fetching what it lacks), then launch vLLM from the lock."""
-    from vdeploy.engine import check_engine
-    from vdeploy.flags import check_serve
-    from vdeploy.launch import (
-        check_tls_files,
-        engine_catalogue,
-        ensure_store,
-        plan_for,
-        resolve_secrets,
-        run_plan,
-        sampling_defaults,
-    )
-    from vdeploy.locking import check_lock_is_current
-    from vdeploy.manifest import load_manifest
-    from vdeploy.plan import Overrides, format_plan
-    from vdeploy.store import Store
+    from vdeploy.launch import engine_env, launch
+    from vdeploy.prepare import Options, prepare
 
-    loaded = load_manifest(manifest)
-    current = check_lock_is_current(loaded)
-    engine, drift = check_engine(current, allow_engine_drift)
-    store = Store(loaded.store_path())
-    ensure_store(loaded, current, store, allow_fetch=not no_fetch, say=say)
-    # [serve] is checked against the engine that runs, whatever the lock was checked against.
-    catalogue = engine_catalogue(current, engine)
-    check_serve(loaded.serve, catalogue, loaded)
-    overrides = Overrides(host=host, port=port)
-    check_tls_files(overrides.apply(current.serve), loaded.folder)
-    the_plan = plan_for(current, store, overrides, os.environ, loaded.folder, catalogue)
-    secrets = resolve_secrets(the_plan, os.environ, loaded.folder)
-    env = the_plan.child_env(os.environ, pure, secrets)
-    if drift:
-        say(f"warning: engine drift allowed: {drift}")
+    options = Options(host=host, port=port, launching=True, allow_engine_drift=allow_engine_drift, fetch=not no_fetch)
+    prepared = prepare(manifest, options, say=say)
+    for notice in prepared.notices:
+        say(notice)
     if dry_run:
-        typer.echo(format_plan(the_plan, sampling_defaults(store, current)))
+        engine_env(prepared, os.environ, pure)  # the secrets must be readable, as for a launch
+        typer.echo(prepared.describe())
         return
-    code = run_plan(loaded, the_plan, env, engine, drift, pure, timeout, say)
-    raise typer.Exit(code)
+    raise typer.Exit(launch(prepared, pure, timeout, say))
 
 
 @app.command()
 def runs(manifest: ManifestArg = None, as_json: JsonOption = False) -> None:
     """List the run records `vdeploy up` wrote beside this manifest."""
-    from vdeploy.launch import list_runs
     from vdeploy.manifest import load_manifest
+    from vdeploy.records import list_records
 
-    records = list_runs(load_manifest(manifest))
+    records = list_records(load_manifest(manifest).folder)
     if as_json:
-        emit_json(records)
+        emit_json([{**r.to_json(), "record": str(r.path)} for r in records])
         return
     if not records:
         say("no runs yet")
     for run in records:
-        code = "running" if run.get("exit_code") is None else f"exit {run['exit_code']}"
-        typer.echo(f"{run['started']}  {run['deployment'][:16]}  {code:>8}  {run['url']}  {run['record']}")
+        code = "running" if run.exit_code is None else f"exit {run.exit_code}"
+        typer.echo(f"{run.started}  {run.deployment[:16]}  {code:>8}  {run.url}  {run.path}")
+
+
+engine_app = typer.Typer(help="The engine: freeze its installed environment for a manifest to pin.", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+
+@engine_app.command("freeze")
+def engine_freeze(
+    file: Annotated[Optional[Path], typer.Argument(help="Where to write the constraints file (default: print it).")] = None,
+) -> None:
+    """Write the installed engine's environment (vLLM and what it pulls in) as exact pins."""
+    from vdeploy.atomic import write_atomically
+    from vdeploy.engine import freeze_text, installed_engine
+    from vdeploy.errors import EngineError
+
+    engine = installed_engine()
+    if engine is None:
+        raise EngineError("no vLLM is installed here, so there is no engine environment to freeze; install the engine first")
+    text = freeze_text(engine)
+    if file is None:
+        typer.echo(text, nl=False)
+        return
+    write_atomically(file, text.encode())
+    pins = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    say(f"wrote {file} ({pins} pins of {engine.spec}); name it as [runtime] engine-environment = \"{file}\"")
 
 
 @app.command()
@@ -211,7 +201,7 @@ def flags(
     as_json: JsonOption = False,
 ) -> None:
     """List the `vllm serve` flags the installed engine accepts (its own parser, cached)."""
-    from vdeploy.launch import installed_catalogue
+    from vdeploy.probe import installed_catalogue
 
     catalogue = installed_catalogue()
     found = catalogue.search(word or "")
@@ -238,15 +228,16 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing vdeploy.toml.")] = False,
 ) -> None:
     """Write a vdeploy.toml: from an existing `vllm serve` command, or a starter for --repo."""
+    from vdeploy.constants import MANIFEST_NAME
     from vdeploy.errors import ManifestError
-    from vdeploy.manifest import MANIFEST_NAME, REPO_ID_RE
+    from vdeploy.manifest import REPO_ID_RE
 
     target = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix else folder
     if target.exists() and not force:
         raise ManifestError(f"{target}: already exists; pass --force to overwrite it")
     if from_command is not None:
         from vdeploy.init import manifest_from_command
-        from vdeploy.launch import installed_catalogue
+        from vdeploy.probe import installed_catalogue
 
         text = manifest_from_command(from_command, installed_catalogue())
     elif repo is not None and REPO_ID_RE.fullmatch(repo):

@@ -1,4 +1,7 @@
-"""The one error family: a user's mistake, told in one line the CLI prints."""
+"""The one error family: a user's mistake, told in one line the CLI prints.
+
+Each class names the step that failed, so a message and its handling never have to guess.
+"""
 
 
 class VdeployError(Exception):
@@ -10,16 +13,24 @@ class ManifestError(VdeployError):
 
 
 class LockError(VdeployError):
-    """The lockfile is missing, stale, unreadable or from another vdeploy."""
+    """The lockfile is missing, stale, unreadable, tampered with or from another vdeploy."""
 
 
-class HubError(VdeployError):
-    """The Hub (or a local source) could not give what the manifest asks for."""
+class SourceError(VdeployError):
+    """A source (a Hub repo or a local folder) cannot give what the manifest asks for."""
+
+
+class PolicyError(VdeployError):
+    """A source holds something the [policy] does not allow to run (remote code, pickles)."""
 
 
 class StoreError(VdeployError):
     """The store lacks, or holds wrong, bytes for the lock."""
 
 
+class EngineError(VdeployError):
+    """The engine is missing, differs from the lock, or could not tell its flags."""
+
+
 class LaunchError(VdeployError):
-    """The engine cannot be started from this lock."""
+    """The engine cannot be started, or kept running, from this lock."""

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO
 
-from vdeploy.errors import HubError
+from vdeploy.errors import SourceError
 
 
 @dataclass(frozen=True)
@@ -43,26 +43,26 @@ def hub_errors(repo: str, what: str) -> Iterator[None]:
     try:
         yield
     except GatedRepoError:
-        raise HubError(f"{repo}: gated repo; accept its terms on the Hub and set HF_TOKEN") from None
+        raise SourceError(f"{repo}: gated repo; accept its terms on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise HubError(
+        raise SourceError(
             f"{repo}: no such repo at {endpoint()} (a private one needs HF_TOKEN); check [model] repo"
         ) from None
     except RevisionNotFoundError:
-        raise HubError(f"{repo}: {what}: revision not found; check the revision in the manifest") from None
+        raise SourceError(f"{repo}: {what}: revision not found; check the revision in the manifest") from None
     except RemoteEntryNotFoundError:
-        raise HubError(f"{repo}: {what}: file not found on the Hub") from None
+        raise SourceError(f"{repo}: {what}: file not found on the Hub") from None
     except LocalEntryNotFoundError:
-        raise HubError(f"{repo}: {what}: the Hub is unreachable and the file is not in the store") from None
+        raise SourceError(f"{repo}: {what}: the Hub is unreachable and the file is not in the store") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        raise HubError(f"{repo}: {what}: the Hub answered HTTP {status}; try again later") from None
+        raise SourceError(f"{repo}: {what}: the Hub answered HTTP {status}; try again later") from None
     except (OSError, ValueError) as exc:
         # httpx errors and huggingface_hub's size check land here
-        raise HubError(f"{repo}: {what}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise SourceError(f"{repo}: {what}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     except Exception as exc:
         if type(exc).__module__.startswith(("httpx", "httpcore")):
-            raise HubError(f"{repo}: {what}: cannot reach {endpoint()} ({type(exc).__name__})") from None
+            raise SourceError(f"{repo}: {what}: cannot reach {endpoint()} ({type(exc).__name__})") from None
         raise
 
 
@@ -73,7 +73,7 @@ def resolve_commit(repo: str, revision: str) -> str:
     with hub_errors(repo, f"revision {revision!r}"):
         info = HfApi().model_info(repo, revision=revision)
     if not info.sha:
-        raise HubError(f"{repo}: the Hub gave no commit for revision {revision!r}")
+        raise SourceError(f"{repo}: the Hub gave no commit for revision {revision!r}")
     return info.sha
 
 

@@ -1,50 +1,28 @@
-"""Step 6 of the flow: check everything, then run the plan as vLLM and record the run.
+"""Step 6 of the flow: run a prepared deployment as vLLM and record the run.
 
-The only module that starts processes. vLLM runs in its own process group, so stopping `up`
+The only module that starts the engine. vLLM runs in its own process group, so stopping `up`
 (Ctrl-C, SIGTERM) stops vLLM and every child it started.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vdeploy.atomic import write_atomically
-from vdeploy.engine import find_launcher, installed_engine
-from vdeploy.errors import LaunchError, StoreError
-from vdeploy.lockfile import EngineInfo, Lock
-from vdeploy.manifest import Manifest
-from vdeploy.plan import PATH_FLAGS, Overrides, Plan, make_plan, redact
-from vdeploy.store import Store, verify
+from vdeploy.constants import REDACTED
+from vdeploy.errors import LaunchError
+from vdeploy.plan import Plan, redact
+from vdeploy.prepare import Prepared
+from vdeploy.records import RunRecord, new_run_id, now, runs_dir
 
 STOP_GRACE_SECONDS = 20
 HEALTH_POLL_SECONDS = 0.5
 
 
-def ensure_store(manifest: Manifest, lock: Lock, store: Store, allow_fetch: bool, say: Callable[[str], None]) -> None:
-    """Verify the store; fetch what is missing (verified) unless told not to."""
-    from vdeploy.locking import fetch_locked
-
-    report = verify(lock, store)
-    if report.ok:
-        return
-    if not allow_fetch or report.extra:
-        shown = "; ".join(report.problems()[:3])
-        hint = "remove the extra files" if report.extra else "run `vdeploy fetch` (or drop --no-fetch)"
-        raise StoreError(f"store {store.root} does not match the lock ({shown}); {hint}")
-    say(f"store lacks {len(report.missing) + len(report.mismatched)} locked file(s); fetching")
-    fetch_locked(manifest, lock, store, say)
-    report = verify(lock, store)
-    if not report.ok:
-        raise StoreError(f"store {store.root} still fails verification: {'; '.join(report.problems()[:3])}")
-
-
 def resolve_secrets(plan: Plan, caller_env: Mapping[str, str], folder: Path) -> dict[str, str]:
+    """The secret values the engine gets in its environment, read from where [serve] names them."""
     values = {}
     for name, origin in plan.secrets.items():
         kind, where = origin.split(":", 1)
@@ -61,113 +39,44 @@ def resolve_secrets(plan: Plan, caller_env: Mapping[str, str], folder: Path) -> 
     return values
 
 
-def sampling_defaults(store: Store, lock: Lock) -> dict[str, Any]:
-    """The request defaults the locked generation_config.json imposes on every request."""
-    path = store.snapshot_dir(lock.model) / "generation_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-            "presence_penalty", "frequency_penalty", "max_new_tokens")
-    return {k: config[k] for k in keys if k in config}
+def engine_env(prepared: Prepared, caller_env: Mapping[str, str], pure: bool) -> dict[str, str]:
+    """The engine's whole environment: the caller's (less unpinned ones with --pure), the pinned
+    variables, and the secrets."""
+    secrets = resolve_secrets(prepared.plan, caller_env, prepared.manifest.folder)
+    return prepared.plan.child_env(caller_env, pure, secrets)
 
 
-def engine_catalogue(lock: Lock, running: EngineInfo | None):
-    """The flags of the engine that will run: the installed one (probed once, cached), else the
-    locked one if its catalogue is cached, else None (then rendering goes by TOML types)."""
-    from vdeploy.flags import load_catalogue
-
-    if running is not None:
-        return load_catalogue(running.spec)
-    return load_catalogue(lock.engine.spec, build=False) if lock.engine else None
-
-
-def installed_catalogue():
-    """The installed engine's flag catalogue; a clear error where no engine is installed."""
-    from vdeploy.flags import load_catalogue
-
-    running = installed_engine()
-    if running is None:
-        raise LaunchError("no vLLM is installed here, so its flags cannot be read; install the engine (README: Install)")
-    return load_catalogue(running.spec)
-
-
-def plan_for(
-    lock: Lock, store: Store, overrides: Overrides, caller_env: Mapping[str, str], base_dir: Path, catalogue
-) -> Plan:
-    """The plan, with [serve] rendered the way the given engine catalogue says (None: by TOML types)."""
-    from vdeploy.flags import render_serve
-
-    return make_plan(
-        lock, store, find_launcher(), overrides, caller_env, base_dir,
-        render_serve=lambda serve: render_serve(serve, catalogue),
-    )
-
-
-def check_tls_files(plan_serve: Mapping[str, Any], base_dir: Path) -> None:
-    """TLS files must be readable when vLLM starts, and a private key private."""
-    for key in PATH_FLAGS:
-        if key not in plan_serve:
-            continue
-        path = base_dir / Path(str(plan_serve[key])).expanduser()
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise LaunchError(f"[serve] {key}: {path} does not exist or cannot be read; fix the path")
-        if key == "ssl-keyfile" and path.stat().st_mode & 0o077:
-            raise LaunchError(f"[serve] ssl-keyfile: {path} is readable by other users; run `chmod 600 {path}`")
-
-
-# ---- the run -----------------------------------------------------------------------------
-
-
-@dataclass
-class RunRecord:
-    path: Path
-    data: dict[str, Any]
-
-    def save(self) -> None:
-        write_atomically(self.path, (json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def start_record(manifest: Manifest, plan: Plan, env: Mapping[str, str], engine: EngineInfo, drift: str | None, pure: bool) -> RunRecord:
+def start_record(prepared: Prepared, env: Mapping[str, str], pure: bool, kind: str = "up") -> RunRecord:
     import platform
     import socket
 
-    started = datetime.now(timezone.utc)
-    name = f"{started.strftime('%Y%m%dT%H%M%S%fZ')}-{plan.deployment[:12]}.json"
+    plan = prepared.plan
     secrets = plan.secret_variables
-    recorded_env = {k: ("<redacted>" if k in secrets else v) for k, v in redact(env).items()
+    recorded_env = {k: (REDACTED if k in secrets else v) for k, v in redact(env).items()
                     if k in plan.env or k in plan.inherited or k in secrets}
+    engine = prepared.engine
+    run_id = new_run_id(plan.deployment)
     record = RunRecord(
-        path=manifest.folder / ".vdeploy" / "runs" / name,
-        data={
-            "deployment": plan.deployment,
-            "manifest": str(manifest.path),
-            "argv": list(plan.argv),
-            "env": recorded_env,
-            "inherited": redact(plan.inherited),
-            "pure": pure,
-            "engine": {
-                "distribution": engine.distribution, "version": engine.version,
-                "torch": engine.torch, "transformers": engine.transformers,
-                "huggingface_hub": engine.huggingface_hub,
-            },
-            "engine_drift": drift,
-            "python": platform.python_version(),
-            "host": socket.gethostname(),
-            "platform": platform.platform(),
-            "accelerator": accelerator_info(env),
-            "url": plan.url,
-            "served_model_name": plan.served_model_name,
-            "started": started.isoformat(timespec="milliseconds"),
-            "ready": None,
-            "stopped": None,
-            "exit_code": None,
+        folder=runs_dir(prepared.manifest.folder) / run_id,
+        run_id=run_id,
+        kind=kind,
+        deployment=plan.deployment,
+        manifest=str(prepared.manifest.path),
+        argv=list(plan.argv),
+        env=recorded_env,
+        inherited=redact(plan.inherited),
+        pure=pure,
+        engine={} if engine is None else {
+            "distribution": engine.distribution, "version": engine.version, "packages": dict(engine.packages),
         },
+        engine_drift=[c.to_json() for c in prepared.drift],
+        url=plan.url,
+        served_model_name=plan.served_model_name,
+        started=now(),
+        python=platform.python_version(),
+        host=socket.gethostname(),
+        platform=platform.platform(),
+        hardware=accelerator_info(env),
     )
     record.save()
     return record
@@ -236,23 +145,23 @@ def stop_group(process: Any, grace: float = STOP_GRACE_SECONDS) -> None:
         pass
 
 
-def run_plan(
-    manifest: Manifest,
-    plan: Plan,
-    env: dict[str, str],
-    engine: EngineInfo,
-    drift: str | None,
+def launch(
+    prepared: Prepared,
     pure: bool,
     health_timeout: float,
     say: Callable[[str], None],
+    caller_env: Mapping[str, str] | None = None,
 ) -> int:
     """Start vLLM, wait for health, forward stop signals, record the run; vLLM's exit code."""
     import signal
     import subprocess
 
-    record = start_record(manifest, plan, env, engine, drift, pure)
+    caller_env = os.environ if caller_env is None else caller_env
+    plan = prepared.plan
+    env = engine_env(prepared, caller_env, pure)
+    record = start_record(prepared, env, pure)
     process = subprocess.Popen(list(plan.argv), env=env, start_new_session=True)
-    record.data["pid"] = process.pid  # also the engine's process group id
+    record.pid = process.pid  # also the engine's process group id
     record.save()
     stopping = {"signal": None}
 
@@ -266,7 +175,7 @@ def run_plan(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if wait_healthy(plan, process, health_timeout):
-            record.data["ready"] = _now()
+            record.ready = now()
             record.save()
             say(f"ready: {plan.url}/v1 serving {plan.served_model_name!r} (deployment {plan.deployment[:16]}); Ctrl-C stops it")
         elif process.poll() is None and stopping["signal"] is None:
@@ -287,21 +196,8 @@ def run_plan(
         code = process.returncode if process.returncode is not None else 1
         if code < 0:
             code = 128 - code
-        record.data["stopped"] = _now()
-        record.data["exit_code"] = code
-        record.data["stopped_by"] = signal.Signals(stopping["signal"]).name if stopping["signal"] else None
+        record.stopped = now()
+        record.exit_code = code
+        record.stopped_by = signal.Signals(stopping["signal"]).name if stopping["signal"] else None
         record.save()
     return code
-
-
-def list_runs(manifest: Manifest) -> list[dict[str, Any]]:
-    folder = manifest.folder / ".vdeploy" / "runs"
-    runs = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        data["record"] = str(path)
-        runs.append(data)
-    return runs

@@ -1,4 +1,4 @@
-"""Step 2, for a local folder source: list and hash its files (no network)."""
+"""Step 2, for a local folder source: list its files and hash the chosen ones (no network)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from vdeploy.errors import HubError
+from vdeploy.errors import SourceError
 from vdeploy.hashing import sha256_files
 from vdeploy.manifest import canonical_json, sha256_hex
-from vdeploy.safety import case_collisions, path_problem
 
 
 @dataclass(frozen=True)
@@ -21,37 +20,34 @@ class LocalFile:
     sha256: str
 
 
-def scan_folder(folder: Path, where: str) -> list[LocalFile]:
-    """Every regular file under folder, hashed; symlinks must stay inside the folder."""
+def list_folder(folder: Path, where: str) -> dict[str, tuple[Path, int]]:
+    """Every regular file under folder (relative path → file, size); symlinks must stay inside."""
     if not folder.is_dir():
-        raise HubError(f"{where}: {folder} is not a folder")
+        raise SourceError(f"{where}: {folder} is not a folder")
     root = folder.resolve()
-    found: list[tuple[str, Path, int]] = []
+    found: dict[str, tuple[Path, int]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         # .git and the .cache/huggingface of an `hf download --local-dir` folder are not model files.
         dirnames[:] = sorted(d for d in dirnames if d not in {".git", ".cache"})
         for name in sorted(filenames):
             full = Path(dirpath) / name
             relative = full.relative_to(root).as_posix()
-            problem = path_problem(relative)
-            if problem:
-                raise HubError(f"{where}: file name {relative!r} {problem}; rename it")
             if full.is_symlink():
                 target = full.resolve()
                 if not target.is_relative_to(root):
-                    raise HubError(f"{where}: {relative} is a symlink to {target}, outside {root}; copy the file in instead")
+                    raise SourceError(f"{where}: {relative} is a symlink to {target}, outside {root}; copy the file in instead")
             info = full.stat()
-            if not stat.S_ISREG(info.st_mode):
-                continue
-            found.append((relative, full, info.st_size))
-    clashes = case_collisions([r for r, _, _ in found])
-    if clashes:
-        a, b = clashes[0]
-        raise HubError(f"{where}: {a!r} and {b!r} differ only in case; rename one")
+            if stat.S_ISREG(info.st_mode):
+                found[relative] = (full, info.st_size)
     if not found:
-        raise HubError(f"{where}: {folder} holds no files")
-    hashes = sha256_files(p for _, p, _ in found)
-    return [LocalFile(r, p, s, h) for (r, p, s), h in zip(found, hashes)]
+        raise SourceError(f"{where}: {folder} holds no files")
+    return found
+
+
+def hash_files(listing: dict[str, tuple[Path, int]], chosen: list[str]) -> list[LocalFile]:
+    """The chosen files of a listing, hashed (one thread per core)."""
+    hashes = sha256_files(listing[p][0] for p in chosen)
+    return [LocalFile(p, listing[p][0], listing[p][1], h) for p, h in zip(chosen, hashes)]
 
 
 def folder_commit(files: list[LocalFile]) -> str:

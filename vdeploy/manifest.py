@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from vdeploy.constants import LOCK_NAME, MANIFEST_NAME, default_hf_cache
 from vdeploy.errors import ManifestError
 
-MANIFEST_NAME = "vdeploy.toml"
-LOCK_NAME = "vdeploy.lock"
-
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+IMAGE_DIGEST_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]*@sha256:[0-9a-f]{64}")
+# One exact pin of a constraints file: name (extras allowed, ignored) == version.
+PIN_RE = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[A-Za-z0-9._,-]*\])?==(?P<version>[A-Za-z0-9][A-Za-z0-9.+!_-]*)")
+HASH_OPTION_RE = re.compile(r"--hash=sha256:[0-9a-f]{64}")
 # The Hub's rule (huggingface_hub validate_repo_id): word characters, '-' and '.' inside, at most
 # 96 of them, and no "--" or ".." (which the cache layout models--org--name relies on).
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -54,7 +56,7 @@ TABLE_KEYS: dict[str, tuple[str, ...] | None] = {
     "tokenizer": SOURCE_KEYS,
     "chat-template": ("file", "text"),
     "serve": None,  # any flag; checked against the engine's catalogue elsewhere
-    "runtime": ("seed", "env", "engine"),
+    "runtime": ("seed", "env", "engine", "engine-environment", "engine-image"),
     "policy": ("trust-remote-code", "allow-pickle"),
     "store": ("download-dir",),
 }
@@ -90,15 +92,34 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class ChatTemplateSpec:
+    """The template's bytes, read once when the manifest is parsed, and their sha256."""
+
+    data: bytes
     file: Path | None = None  # absolute, resolved against the manifest's folder
     file_as_written: str | None = None
     text: str | None = None
 
-    def read(self) -> bytes:
-        if self.text is not None:
-            return self.text.encode()
-        assert self.file is not None
-        return self.file.read_bytes()
+    @property
+    def sha256(self) -> str:
+        return sha256_hex(self.data)
+
+    @property
+    def origin(self) -> str:
+        return "inline" if self.text is not None else "file"
+
+
+@dataclass(frozen=True)
+class EngineEnvironmentSpec:
+    """[runtime] engine-environment: a constraints file of exact pins, read once at parse."""
+
+    file_as_written: str
+    path: Path
+    data: bytes
+    pins: tuple[tuple[str, str], ...]  # (normalised name, version), sorted
+
+    @property
+    def sha256(self) -> str:
+        return sha256_hex(self.data)
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,8 @@ class Manifest:
     seed: int = 0
     env: dict[str, str] = field(default_factory=dict)
     engine: str | None = None
+    engine_environment: EngineEnvironmentSpec | None = None
+    engine_image: str | None = None  # "repo@sha256:<64 hex>"
     policy: Policy = Policy()
     download_dir: str | None = None  # as written; see store_path()
     draft: SourceSpec | None = None  # the draft model named in [serve] speculative-config
@@ -147,11 +170,17 @@ class Manifest:
         if self.draft is not None:
             inputs["draft"] = self.draft.requested()
         if self.chat_template is not None:
-            inputs["chat-template"] = {"sha256": sha256_hex(self.chat_template.read())}
+            inputs["chat-template"] = {"sha256": self.chat_template.sha256}
         inputs["serve"] = dict(sorted(self.serve.items()))
         inputs["runtime"] = {"seed": self.seed, "env": dict(sorted(self.env.items()))}
         if self.engine is not None:
             inputs["runtime"]["engine"] = self.engine
+        if self.engine_environment is not None:
+            inputs["runtime"]["engine-environment"] = {
+                "file": self.engine_environment.file_as_written, "sha256": self.engine_environment.sha256,
+            }
+        if self.engine_image is not None:
+            inputs["runtime"]["engine-image"] = self.engine_image
         inputs["policy"] = {
             "trust-remote-code": self.policy.trust_remote_code,
             "allow-pickle": self.policy.allow_pickle,
@@ -160,23 +189,6 @@ class Manifest:
 
     def inputs_hash(self) -> str:
         return sha256_hex(canonical_json(self.inputs()))
-
-
-def default_hf_cache() -> Path:
-    """The Hugging Face hub cache, found the way huggingface_hub finds it (without importing it)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser().resolve()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-    )
-    return (Path(home).expanduser() / "hub").resolve()
-
-
-def vdeploy_cache_dir() -> Path:
-    """vdeploy's own cache (engine flag catalogues, parsed locks): $VDEPLOY_CACHE_DIR, else the XDG cache."""
-    if os.environ.get("VDEPLOY_CACHE_DIR"):
-        return Path(os.environ["VDEPLOY_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")).expanduser() / "vdeploy"
 
 
 def canonical_json(value: Any) -> bytes:
@@ -210,7 +222,7 @@ def load_manifest(arg: str | os.PathLike[str] | None = None) -> Manifest:
 
 
 def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest:
-    """Check the parsed TOML strictly and build the Manifest. Pure, apart from chat-template stat."""
+    """Check the parsed TOML strictly and build the Manifest. Pure, apart from reading the chat template."""
     check = _Checker(path, text)
     for table, value in data.items():
         if table not in TABLE_KEYS:
@@ -248,6 +260,14 @@ def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest
     ):
         check.fail("runtime", "engine", f"must name an exact version like \"vllm==0.32.0\", not {engine!r}")
 
+    engine_environment = _parse_engine_environment(check, runtime.get("engine-environment"))
+    engine_image = runtime.get("engine-image")
+    if engine_image is not None and (not isinstance(engine_image, str) or not IMAGE_DIGEST_RE.fullmatch(engine_image)):
+        check.fail(
+            "runtime", "engine-image", f"{engine_image!r} is not pinned by digest",
+            'write it as "registry/repo@sha256:<64 hex>" (a tag can move; a digest cannot)',
+        )
+
     policy_table = data.get("policy", {})
     trust = policy_table.get("trust-remote-code", False)
     # `is`, not `in`: 0 == False, and 0 is not a boolean.
@@ -270,10 +290,68 @@ def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest
         seed=seed,
         env=dict(env),
         engine=engine,
+        engine_environment=engine_environment,
+        engine_image=engine_image,
         policy=Policy(trust_remote_code=trust, allow_pickle=allow_pickle),
         download_dir=download_dir,
         draft=_parse_draft(check, serve),
     )
+
+
+def _parse_engine_environment(check: _Checker, file: Any) -> EngineEnvironmentSpec | None:
+    if file is None:
+        return None
+    if not isinstance(file, str) or not file:
+        check.fail("runtime", "engine-environment", "must be the path of a constraints file (name==version lines)")
+    path = (check.path.parent / os.path.expanduser(file)).resolve()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        check.fail(
+            "runtime", "engine-environment", f"{file} does not exist or cannot be read",
+            "write it with `vdeploy engine freeze FILE` where the engine is installed",
+        )
+    pins, problem = parse_pins(data)
+    if problem is not None:
+        raise ManifestError(f"{path}:{problem[0]}: {problem[1]}; engine-environment takes exact pins (name==version), as `vdeploy engine freeze` writes them")
+    if not pins:
+        check.fail("runtime", "engine-environment", f"{file} pins no package", "write it with `vdeploy engine freeze FILE`")
+    return EngineEnvironmentSpec(file_as_written=file, path=path, data=data, pins=pins)
+
+
+def parse_pins(data: bytes) -> tuple[tuple[tuple[str, str], ...], tuple[int, str] | None]:
+    """The exact pins of a pip requirements/constraints file: ((name, version), ...) sorted, or
+    the first line that is not one (line number, what is wrong). `--hash=` options are allowed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return (), (1, "not UTF-8 text")
+    pins: dict[str, str] = {}
+    logical = ""
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        if not logical:
+            start = number
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        logical = (logical + line).strip()
+        if not logical:
+            continue
+        words = logical.split()
+        logical = ""
+        match = PIN_RE.fullmatch(words[0])
+        if match is None:
+            return (), (start, f"{words[0]!r} is not an exact pin")
+        for option in words[1:]:
+            if not HASH_OPTION_RE.fullmatch(option):
+                return (), (start, f"{option!r} is not a --hash=sha256:... option")
+        name = re.sub(r"[-_.]+", "-", match.group("name")).lower()
+        if pins.get(name, match.group("version")) != match.group("version"):
+            return (), (start, f"{name} is pinned twice, to different versions")
+        pins[name] = match.group("version")
+    return tuple(sorted(pins.items())), None
 
 
 def _parse_source(check: _Checker, role: str, table: dict[str, Any]) -> SourceSpec:
@@ -348,13 +426,15 @@ def _parse_chat_template(check: _Checker, table: dict[str, Any] | None) -> ChatT
     if text is not None:
         if not isinstance(text, str) or not text:
             check.fail("chat-template", "text", "must be a non-empty string")
-        return ChatTemplateSpec(text=text)
+        return ChatTemplateSpec(data=text.encode(), text=text)
     if not isinstance(file, str) or not file:
         check.fail("chat-template", "file", "must be a file path string")
     resolved = (check.path.parent / os.path.expanduser(file)).resolve()
-    if not resolved.is_file():
-        check.fail("chat-template", "file", f"{file} does not exist", f"create it, or fix the path (relative to {check.path.parent})")
-    return ChatTemplateSpec(file=resolved, file_as_written=file)
+    try:
+        data = resolved.read_bytes()
+    except OSError:
+        check.fail("chat-template", "file", f"{file} does not exist or cannot be read", f"create it, or fix the path (relative to {check.path.parent})")
+    return ChatTemplateSpec(data=data, file=resolved, file_as_written=file)
 
 
 SECRET_FLAGS = frozenset({"api-key"})

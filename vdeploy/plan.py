@@ -1,18 +1,25 @@
 """Step 5 of the flow: the exact command, as data. Lock × store × overrides → argv and environment.
 
 Pure: no network, no vLLM, no file reads; `vdeploy plan` prints exactly what `vdeploy up` runs.
+The store and the launcher are arguments, so a plan can be made for another machine: a
+container's `/models` store and `vllm serve` in an image plan the same way (`vdeploy export`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
 
-from vdeploy.lockfile import EngineInfo, Lock
+from vdeploy.constants import API_KEY_VARIABLE, REDACTED, SECRET_NAME_RE
+from vdeploy.lockfile import LockedEngine, Lock
 from vdeploy.store import Store
+
+if TYPE_CHECKING:
+    from vdeploy.flags import Catalogue
 
 MODULE_LAUNCHER = "vllm.entrypoints.openai.api_server"
 
@@ -25,8 +32,6 @@ BEHAVIOUR_PREFIXES = (
 BEHAVIOUR_NAMES = frozenset({
     "PYTHONHASHSEED", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "XDG_CACHE_HOME",
 })
-SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-REDACTED = "<redacted>"
 
 PATH_FLAGS = ("ssl-keyfile", "ssl-certfile", "ssl-ca-certs")
 
@@ -57,7 +62,7 @@ class Plan:
     secrets: dict[str, str]  # engine variable → where its value comes from ("env:NAME" / "file:PATH")
     inherited: dict[str, str]  # caller's behaviour-changing variables that are not pinned
     deployment: str
-    engine: EngineInfo | None
+    engine: LockedEngine | None
     served_model_name: str
     host: str | None
     port: int
@@ -74,13 +79,12 @@ class Plan:
         env.update(secret_values)
         return env
 
-    def to_json(self, sampling_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         engine = None
         if self.engine is not None:
-            engine = {
-                "distribution": self.engine.distribution, "version": self.engine.version,
-                "torch": self.engine.torch, "transformers": self.engine.transformers,
-            }
+            engine = {"distribution": self.engine.distribution, "version": self.engine.version, "pins": self.engine.pins}
+            if self.engine.image is not None:
+                engine["image"] = self.engine.image
         return {
             "argv": list(self.argv),
             "env": dict(self.env),
@@ -90,7 +94,6 @@ class Plan:
             "engine": engine,
             "served_model_name": self.served_model_name,
             "url": self.url,
-            "sampling_defaults": dict(sampling_defaults or {}),
             "code": list(self.code),
         }
 
@@ -139,7 +142,7 @@ def secret_sources(serve: Mapping[str, Any]) -> dict[str, str]:
         return {}
     ref = refs[0] if isinstance(refs, list) else refs
     kind, value = next(iter(ref.items()))
-    return {"VLLM_API_KEY": f"{kind}:{value}"}
+    return {API_KEY_VARIABLE: f"{kind}:{value}"}
 
 
 def secret_source_variables(secrets: Mapping[str, str]) -> frozenset[str]:
@@ -165,7 +168,7 @@ def code_revision(lock: Lock) -> str:
     return lock.code[0].commit if lock.code else lock.model.commit
 
 
-def supports_fingerprint(engine: EngineInfo | None) -> bool:
+def supports_fingerprint(engine: LockedEngine | None) -> bool:
     """--fingerprint-mode custom exists from vLLM 0.32 on."""
     if engine is None:
         return False
@@ -177,17 +180,17 @@ def make_plan(
     lock: Lock,
     store: Store,
     launcher: Launcher,
+    catalogue: Catalogue | None = None,
     overrides: Overrides = Overrides(),
     caller_env: Mapping[str, str] | None = None,
-    base_dir: Path | None = None,
-    render_serve=None,
+    base_dir: PurePath | None = None,
 ) -> Plan:
-    """The argv and environment `up` will use. A pure function of its arguments."""
-    if render_serve is None:
-        from vdeploy.flags import render_serve as default_render
+    """The argv and environment `up` will use. A pure function of its arguments.
 
-        def render_serve(serve: dict[str, Any]) -> list[str]:
-            return default_render(serve, None)
+    `store` may name a store on another machine (`Store(PurePosixPath("/models"))`) and
+    `launcher` a command there; [serve] is rendered as `catalogue` (None: by TOML types) says.
+    """
+    from vdeploy.flags import render_serve
 
     serve = overrides.apply(lock.serve)
     if lock.draft is not None:
@@ -198,7 +201,7 @@ def make_plan(
         # File-valued flags are written relative to the manifest; vLLM gets absolute paths.
         for key in PATH_FLAGS:
             if isinstance(serve.get(key), str):
-                serve[key] = str(base_dir / Path(serve[key]).expanduser())
+                serve[key] = str(base_dir / os.path.expanduser(serve[key]))
     model_dir = str(store.snapshot_dir(lock.model))
     argv: list[str] = list(launcher.command)
     argv += [model_dir] if launcher.model_positional else ["--model", model_dir]
@@ -217,7 +220,7 @@ def make_plan(
         argv += ["--trust-remote-code", "--code-revision", code_revision(lock)]
     if supports_fingerprint(lock.engine) and "fingerprint-mode" not in serve:
         argv += ["--fingerprint-mode", "custom", "--fingerprint-value", lock.deployment]
-    argv += render_serve(serve)
+    argv += render_serve(serve, catalogue)
 
     env = {
         "HF_HUB_OFFLINE": "1",
@@ -252,7 +255,9 @@ def format_plan(plan: Plan, sampling_defaults: Mapping[str, Any] | None = None) 
     """The plan as a person reads it: one argument per line, then the environment."""
     lines = [f"# deployment {plan.deployment}"]
     if plan.engine is not None:
-        lines.append(f"# engine {plan.engine.spec} (torch {plan.engine.torch}, transformers {plan.engine.transformers})")
+        pinned = len(plan.engine.pins) - 1
+        rest = f" with {pinned} more packages pinned" if pinned else ", the rest of its environment not pinned"
+        lines.append(f"# engine {plan.engine.spec}{rest}")
     lines.append("argv:")
     argv = list(plan.argv)
     first = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))

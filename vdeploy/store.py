@@ -2,6 +2,7 @@
 
     <root>/models--org--name/blobs/<blob>                 the bytes, named by content
     <root>/models--org--name/snapshots/<commit>/<path>    relative symlinks into blobs/
+    <root>/models--org--name/refs/<branch or tag>         the locked commit (as `hf download` writes)
     <root>/.locks/models--org--name/<blob>.lock           per-blob file locks (as huggingface_hub)
     <root>/.locks/vdeploy/fingerprints.json               files already hashed: size, mtime, inode
     <root>/.locks/vdeploy/chat-templates/<sha256>.jinja   locked chat templates
@@ -9,8 +10,10 @@
 vdeploy's own files live under .locks/ because that is the one folder of the cache root that
 huggingface_hub's cache tools (`hf cache scan`) skip instead of reporting as a corrupted repo.
 
-A file appears in a snapshot only after its sha256 matched the lock. Downloads go to
-blobs/<blob>.incomplete first, so a killed fetch resumes and never leaves a bad file in view.
+A file appears in a snapshot only after its sha256 matched the lock: every blob, downloaded,
+imported from a folder, linked from another repo or kept from `lock`, is published by one
+function (`_publish`) that checks it first. Downloads go to blobs/<blob>.incomplete, so a killed
+fetch resumes and never leaves a bad file in view.
 """
 
 from __future__ import annotations
@@ -134,6 +137,12 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.mismatched or self.extra)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok, "checked": self.checked, "missing": self.missing,
+            "mismatched": self.mismatched, "extra": self.extra,
+        }
 
     def problems(self) -> list[str]:
         return (
@@ -272,11 +281,12 @@ def fetch(
     report = FetchReport()
     fingerprints = Fingerprints(store)
     mutex = threading.Lock()
+    stop = threading.Event()
     jobs = [(source, file) for source in sources for file in source.files]
 
     def place(job: tuple[LockedSource, LockedFile]) -> None:
         source, file = job
-        how = _place_file(store, source, file, fingerprints, (local_folders or {}).get(source.role))
+        how = _place_file(store, source, file, fingerprints, (local_folders or {}).get(source.role), stop)
         with mutex:
             setattr(report, how, getattr(report, how) + 1)
             if how == "downloaded":
@@ -284,19 +294,43 @@ def fetch(
         if how != "present":
             say(f"  {how} {_label(source, file)} ({_human(file.size)})")
 
+    pool = ThreadPoolExecutor(max_workers=FETCH_WORKERS)
     try:
-        with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-            for _ in pool.map(place, sorted(jobs, key=lambda j: -j[1].size)):
-                pass
+        for _ in pool.map(place, sorted(jobs, key=lambda j: -j[1].size)):
+            pass
+    except BaseException:
+        # Ctrl-C (or a failed file): downloads under way stop at their next chunk, keeping their
+        # .incomplete files to resume from, and no new one starts.
+        stop.set()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         fingerprints.save()
     if chat_template is not None:
         _place_chat_template(store, chat_template.sha256, template_bytes)
+    for source in sources:
+        write_ref(store, source)
     return report
 
 
+def write_ref(store: Store, source: LockedSource) -> None:
+    """refs/<revision> → the locked commit, for a source locked from a branch or tag, so that
+    huggingface_hub and transformers offline find the locked snapshot by the revision's name."""
+    revision = source.revision
+    if source.is_local or not revision or revision == source.commit:
+        return
+    ref = store.repo_dir(source) / "refs" / revision
+    try:
+        if ref.read_text() == source.commit:
+            return
+    except OSError:
+        pass
+    write_atomically(ref, source.commit.encode())
+
+
 def _place_file(
-    store: Store, source: LockedSource, file: LockedFile, fingerprints: Fingerprints, local_folder: Path | None
+    store: Store, source: LockedSource, file: LockedFile, fingerprints: Fingerprints, local_folder: Path | None,
+    stop: threading.Event,
 ) -> str:
     blob = store.blob_path(source, file)
     entry = store.snapshot_path(source, file)
@@ -316,7 +350,9 @@ def _place_file(
                 _import_local_file(source, file, blob, local_folder)
                 how = "imported"
             else:
-                _download_blob(source, file, blob)
+                if stop.is_set():
+                    raise FetchStopped()
+                _download_blob(source, file, blob, stop)
                 how = "downloaded"
             fingerprints.record(blob, file.sha256)
         _link(entry, blob)
@@ -341,6 +377,34 @@ def _blob_is_good(blob: Path, file: LockedFile, fingerprints: Fingerprints) -> b
     return False
 
 
+def _publish(staged: Path, blob: Path, file: LockedFile, refused: Callable[[str], str], digest: str | None = None) -> None:
+    """Move a staged blob into place if its sha256 is the locked one; else delete it and raise
+    StoreError(refused(actual sha256)). The one way bytes enter blobs/."""
+    digest = digest or sha256_file(staged)
+    if digest != file.sha256:
+        staged.unlink(missing_ok=True)
+        raise StoreError(refused(digest))
+    os.replace(staged, blob)
+
+
+def keep_blobs(store: Store, sources: list[LockedSource], known: dict[tuple[str, str], bytes]) -> None:
+    """Store bytes already read (small files `lock` hashed) as blobs, so fetch need not download
+    them again. Their snapshot links are made by fetch, like any other file's."""
+    for source in sources:
+        for file in source.files:
+            data = known.get((source.name, file.blob))
+            if data is None:
+                continue
+            blob = store.blob_path(source, file)
+            with store.blob_lock(source, file):
+                if blob.is_file() and blob.stat().st_size == file.size:
+                    continue
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                staged = blob.with_name(blob.name + ".incomplete")
+                staged.write_bytes(data)
+                _publish(staged, blob, file, lambda digest: f"{source.repo}: {file.path}: bytes read at lock do not match")
+
+
 def _reuse_blob_from_elsewhere(
     store: Store, source: LockedSource, file: LockedFile, blob: Path, fingerprints: Fingerprints
 ) -> bool:
@@ -353,18 +417,40 @@ def _reuse_blob_from_elsewhere(
             continue
         if not fingerprints.matches(candidate, info, file.sha256) and sha256_file(candidate) != file.sha256:
             continue
-        tmp = blob.with_name(blob.name + ".vdeploy-link")
-        tmp.unlink(missing_ok=True)
+        staged = blob.with_name(blob.name + ".vdeploy-link")
+        staged.unlink(missing_ok=True)
         try:
-            os.link(candidate, tmp)
+            os.link(candidate, staged)
+            digest = file.sha256  # the same inode as the blob just checked
         except OSError:
-            shutil.copyfile(candidate, tmp)
-        os.replace(tmp, blob)
+            shutil.copyfile(candidate, staged)
+            digest = None
+        _publish(staged, blob, file, lambda d: f"{candidate}: changed while being copied; run `vdeploy fetch` again", digest)
         return True
     return False
 
 
-def _download_blob(source: LockedSource, file: LockedFile, blob: Path) -> None:
+class FetchStopped(Exception):
+    """A stop was asked for (Ctrl-C) while a download was under way; its partial file is kept."""
+
+
+class _StoppableWriter:
+    """A file wrapper that ends a download at its next chunk once a stop is asked for."""
+
+    def __init__(self, out, stop: threading.Event) -> None:
+        self._out = out
+        self._stop = stop
+
+    def write(self, data: bytes) -> int:
+        if self._stop.is_set():
+            raise FetchStopped()
+        return self._out.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._out, name)
+
+
+def _download_blob(source: LockedSource, file: LockedFile, blob: Path, stop: threading.Event) -> None:
     from vdeploy import hub
 
     partial = blob.with_name(blob.name + ".incomplete")
@@ -373,16 +459,12 @@ def _download_blob(source: LockedSource, file: LockedFile, blob: Path) -> None:
         partial.unlink()
         done = 0
     with open(partial, "ab") as out:
-        hub.download(source.repo, source.commit, file.path, out, resume_from=done, size=file.size)
-    digest = sha256_file(partial)
-    if digest != file.sha256:
-        partial.unlink()
-        raise StoreError(
-            f"{source.repo}: {file.path}: the Hub served bytes with sha256 {digest[:12]}…, "
-            f"the lock pins {file.sha256[:12]}…; nothing was stored. If upstream rewrote history, "
-            "run `vdeploy lock --update`"
-        )
-    os.replace(partial, blob)
+        hub.download(source.repo, source.commit, file.path, _StoppableWriter(out, stop), resume_from=done, size=file.size)
+    _publish(partial, blob, file, lambda digest: (
+        f"{source.repo}: {file.path}: the Hub served bytes with sha256 {digest[:12]}…, "
+        f"the lock pins {file.sha256[:12]}…; nothing was stored. If upstream rewrote history, "
+        "run `vdeploy lock --update`"
+    ))
 
 
 def _import_local_file(source: LockedSource, file: LockedFile, blob: Path, folder: Path | None) -> None:
@@ -392,17 +474,13 @@ def _import_local_file(source: LockedSource, file: LockedFile, blob: Path, folde
             f"{source.path}: {file.path} is not in the store and not in the local folder; "
             "restore the folder or re-run `vdeploy lock`"
         )
-    tmp = blob.with_name(blob.name + ".incomplete")
-    shutil.copyfile(original, tmp)
-    digest = sha256_file(tmp)
-    if digest != file.sha256:
-        tmp.unlink()
-        raise StoreError(
-            f"{source.path}: {file.path} changed while being imported or since it was locked "
-            f"(sha256 {digest[:12]}…, locked {file.sha256[:12]}…); nothing was stored. "
-            "Let the folder settle, then run `vdeploy lock` to pin its contents"
-        )
-    os.replace(tmp, blob)
+    staged = blob.with_name(blob.name + ".incomplete")
+    shutil.copyfile(original, staged)
+    _publish(staged, blob, file, lambda digest: (
+        f"{source.path}: {file.path} changed while being imported or since it was locked "
+        f"(sha256 {digest[:12]}…, locked {file.sha256[:12]}…); nothing was stored. "
+        "Let the folder settle, then run `vdeploy lock` to pin its contents"
+    ))
 
 
 def _link(entry: Path, blob: Path) -> None:

@@ -157,7 +157,7 @@ class Served:
         return text
 
     def run_records(self) -> list[Path]:
-        return sorted((self.project.folder / ".vdeploy" / "runs").glob("*.json"))
+        return sorted((self.project.folder / ".vdeploy" / "runs").glob("*/record.json"))
 
     def last_run(self) -> dict:
         return json.loads(self.run_records()[-1].read_text())
@@ -181,7 +181,7 @@ def served(make_project, repos):
         yield Served(project, running, context, loads_lock(project.lock.read_text()), plan_text + plan_err, plan_json)
     finally:
         running.stop()
-        records = sorted((project.folder / ".vdeploy" / "runs").glob("*.json"))
+        records = sorted((project.folder / ".vdeploy" / "runs").glob("*/record.json"))
         pid = json.loads(records[-1].read_text()).get("pid") if records else None
         for leftover in processes_in_group(pid) if pid else []:
             os.kill(leftover, signal.SIGKILL)  # only vLLM's own processes, started above

@@ -27,7 +27,7 @@ def complete_three(url: str, deployment: str) -> list[tuple[str, list[float]]]:
 
 
 def last_run(project) -> dict:
-    records = sorted((project.folder / ".vdeploy" / "runs").glob("*.json"))
+    records = sorted((project.folder / ".vdeploy" / "runs").glob("*/record.json"))
     return json.loads(records[-1].read_text())
 
 
