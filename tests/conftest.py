@@ -35,8 +35,21 @@ def repo_id(request) -> str:
 
 @pytest.fixture(scope="session")
 def vdeploy_cache(tmp_path_factory) -> Path:
-    """vdeploy's cache (the engine's flag catalogue), shared by the session: it is keyed by engine version."""
-    return tmp_path_factory.mktemp("vdeploy-cache")
+    """vdeploy's cache (the engine's flag catalogue), shared by the session: it is keyed by engine version.
+
+    The installed engine's catalogue is probed into it here, once and with no time limit (it imports
+    vLLM: 10 s on a quiet machine, a minute on a busy one), not by whichever CLI call a test makes first.
+    """
+    cache = tmp_path_factory.mktemp("vdeploy-cache")
+    from vdeploy.engine import installed_engine
+    from vdeploy.probe import load_catalogue
+
+    running = installed_engine()
+    if running is not None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("VDEPLOY_CACHE_DIR", str(cache))
+            load_catalogue(running.spec)
+    return cache
 
 
 @dataclass

@@ -18,18 +18,18 @@ import pytest
 
 from vdeploy.engine import installed_engine
 from vdeploy.errors import EngineError, ManifestError, VdeployError
-from vdeploy.flags import NO_ENGINE, check_serve, parse_size, render_serve
+from vdeploy.flags import NO_ENGINE, Catalogue, check_serve, parse_size, render_serve
 from vdeploy.probe import load_catalogue, parse_engine_argv
 from vdeploy.init import manifest_from_command
 from vdeploy.manifest import OWNED_FLAGS, load_manifest
 
+from needs import require_engine, shared_file
+
 ROOT = Path(__file__).resolve().parents[1]
 ALL_FLAGS = ROOT / "examples" / "all-flags" / "vdeploy.toml"
-# The project's seed document lives in shared/, beside the repository (also in CI).
-SEED = ROOT.parent / "shared" / "seed" / "seed-en.md"
+# The flags of the project's seed (../shared/seed/), kept in the repository as test data.
+SEED_FLAGS = ROOT / "tests" / "data" / "seed-flags.txt"
 HEAD = '[model]\nrepo = "Qwen/Qwen3-0.6B"\n\n[serve]\n'  # [serve] keys start on line 5
-
-pytestmark = pytest.mark.skipif(installed_engine() is None, reason="needs vLLM installed")
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +42,7 @@ def cache_dir(vdeploy_cache):
 
 @pytest.fixture(scope="session")
 def catalogue(cache_dir):
+    require_engine()  # the tests that need no catalogue run without the engine
     return load_catalogue(installed_engine().spec, sys.executable)
 
 
@@ -155,10 +156,21 @@ def test_size_words_mean_what_vllm_makes_of_them():
     ]
 
 
-def test_a_single_string_for_a_list_flag_becomes_a_list(catalogue, tmp_path):
+def test_a_single_string_for_a_list_flag_is_kept_as_written_and_passed_as_one_value(catalogue, tmp_path):
     manifest = write_manifest(tmp_path, 'served-model-name = "qwen"\napi-key = { env = "K" }\n')
     serve, _ = check_serve(manifest.serve, catalogue, manifest)
-    assert serve == {"api-key": {"env": "K"}, "served-model-name": ["qwen"]}
+    assert serve == {"api-key": {"env": "K"}, "served-model-name": "qwen"}
+    assert render_serve(serve, catalogue) == render_serve({"served-model-name": ["qwen"]}, catalogue)
+    assert render_serve(serve, catalogue) == ["--served-model-name", "qwen"]
+
+
+def test_the_checked_values_are_the_same_with_and_without_the_engine(catalogue):
+    # The lock holds them: a laptop without the engine and the server must lock the same bytes.
+    for path in sorted((ROOT / "examples").glob("*/vdeploy.toml")):
+        manifest = load_manifest(path)
+        with_engine, _ = check_serve(manifest.serve, catalogue, manifest)
+        without, _ = check_serve(manifest.serve, None, manifest)
+        assert with_engine == without == manifest.serve, path
 
 
 # ---- rendering -------------------------------------------------------------------------------------
@@ -190,6 +202,21 @@ def test_render_lists_tables_sizes_and_no_secret(catalogue):
     assert render_serve({"max-model-len": -1}, catalogue) == ["--max-model-len=-1"]
 
 
+def test_an_engine_without_size_words_gets_the_number_and_the_lock_keeps_the_word(tmp_path):
+    # As vLLM before size words: max-model-len an int, served-model-name a list.
+    older = Catalogue.from_json({"engine": "vllm==0.8.0", "flags": [
+        {"name": "max-model-len", "dest": "max_model_len", "option_strings": ["--max-model-len"],
+         "kind": "value", "type_name": "int"},
+        {"name": "served-model-name", "dest": "served_model_name", "option_strings": ["--served-model-name"],
+         "kind": "list", "type_name": "str", "nargs": "+"},
+    ]})
+    manifest = write_manifest(tmp_path, 'max-model-len = "32K"\nserved-model-name = "qwen"\n')
+    serve, skipped = check_serve(manifest.serve, older, manifest)
+    assert serve == {"max-model-len": "32K", "served-model-name": "qwen"} and skipped == []
+    assert render_serve(serve, older) == ["--max-model-len", "32768", "--served-model-name", "qwen"]
+    assert render_serve(serve, None) == ["--max-model-len", "32K", "--served-model-name", "qwen"]
+
+
 def test_render_without_an_engine_goes_by_toml_type():
     serve = {"enforce-eager": False, "allowed-origins": ["*"], "served-model-name": ["a", "b"], "port": 8000}
     assert render_serve(serve, None) == [
@@ -210,9 +237,20 @@ OWNED_IN_ALL_FLAGS = {
 }
 
 
+def read_seed_flags() -> set[str]:
+    lines = SEED_FLAGS.read_text(encoding="utf-8").splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+def test_the_seed_flags_kept_in_the_repository_are_the_seeds():
+    for name in ("seed/seed-en.md", "seed/000_5c33e1fe46186492.txt"):
+        seed = shared_file(name).read_text(encoding="utf-8")
+        assert set(re.findall(r"--([a-z][a-z-]+)", seed)) == read_seed_flags(), name
+
+
 def test_all_flags_example_sets_every_flag_of_the_seed():
     manifest = load_manifest(ALL_FLAGS)
-    seed_flags = set(re.findall(r"`--([a-z][a-z-]+)`", SEED.read_text()))
+    seed_flags = read_seed_flags()
     assert len(seed_flags) > 40
     for flag in sorted(seed_flags):
         if flag in OWNED_FLAGS:
@@ -237,6 +275,8 @@ def test_all_flags_example_is_accepted_by_the_real_parser(catalogue, tmp_path):
             continue
         spec = catalogue.flags[key]
         expected = parse_size(value) if spec.kind == "size" and isinstance(value, str) else value
+        if spec.kind in ("list", "append") and not isinstance(value, list):
+            expected = [value]
         assert parsed[spec.dest] == expected, key
 
 

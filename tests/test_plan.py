@@ -10,6 +10,8 @@ import pytest
 
 from vdeploy.lockfile import loads_lock
 
+from needs import needs_engine
+
 CONFIG = b'{"architectures": ["LlamaForCausalLM"]}\n'
 GENERATION = b'{"temperature": 0.6, "top_p": 0.95, "do_sample": true}\n'
 
@@ -93,6 +95,7 @@ def test_host_and_port_are_runtime_overrides_that_keep_the_deployment(locked):
     assert moved["url"] == "http://127.0.0.1:9123"
 
 
+@needs_engine
 def test_plan_is_the_same_argv_as_up_dry_run(locked):
     _, planned, _ = locked.run_vdeploy("plan")
     _, dry, _ = locked.run_vdeploy("up", "--dry-run")
@@ -132,6 +135,7 @@ def test_up_refuses_a_stale_lock_and_names_the_change(locked):
     assert "stale" in line and "runtime.seed changed: 3 → 4" in line and "vdeploy lock" in line
 
 
+@needs_engine
 def test_up_no_fetch_refuses_a_store_that_fails_verification(locked):
     lock = loads_lock(locked.lock.read_text())
     blob = locked.folder / "store" / lock.model.name / "blobs" / lock.model.file("model.safetensors").blob
@@ -143,6 +147,7 @@ def test_up_no_fetch_refuses_a_store_that_fails_verification(locked):
     assert blob.is_file()
 
 
+@needs_engine
 def test_up_refuses_an_engine_other_than_the_locked_one_unless_allowed(locked):
     installed = loads_lock(locked.lock.read_text()).engine
     locked.write_manifest(local_manifest(runtime=f'engine = "{installed.distribution}==0.0.1"'))

@@ -3,8 +3,8 @@ end-to-end tests serve with vLLM.
 
 They check that the builder is deterministic (the model's bytes are what a lock records) and that
 the folder holds what vLLM's Llama loader and the Hugging Face tokenizer stack expect. They need
-neither vLLM nor torch; the parts that load the tokenizer skip when `tokenizers`, `transformers`
-or `jinja2` is not installed.
+neither vLLM nor torch; the parts that load the tokenizer need `tokenizers`, `transformers` or
+`jinja2`, which come with the engine, and skip without it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import subprocess
 import sys
 
 import pytest
+
+from needs import engine_module
 
 EXAMPLE_DIR = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny"
 BUILDER_PATH = EXAMPLE_DIR / "build_model.py"
@@ -206,7 +208,7 @@ def test_weights_are_finite_and_small(model_dir):
 
 
 def test_tokenizers_library_round_trips_text(model_dir):
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = engine_module("tokenizers")
     tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     encoding = tokenizer.encode("Hello world")
     # BOS comes from the post-processor; the merges turn each word into a single token.
@@ -217,7 +219,7 @@ def test_tokenizers_library_round_trips_text(model_dir):
 
 
 def test_transformers_loads_tokenizer_and_chat_template(model_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = engine_module("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     ids = tokenizer("Hello world").input_ids
     assert ids[0] == tokenizer.bos_token_id
@@ -232,7 +234,7 @@ def test_transformers_loads_tokenizer_and_chat_template(model_dir):
 
 @pytest.mark.parametrize("trim_blocks", [False, True])
 def test_chat_template_renders_the_same_under_any_jinja_settings(model_dir, trim_blocks):
-    jinja2 = pytest.importorskip("jinja2")
+    jinja2 = engine_module("jinja2")
     environment = jinja2.Environment(trim_blocks=trim_blocks, lstrip_blocks=trim_blocks)
     template = environment.from_string((model_dir / "chat_template.jinja").read_text(encoding="utf-8"))
     context = {"messages": MESSAGES, "bos_token": "<|bos|>", "add_generation_prompt": True}

@@ -10,6 +10,8 @@ import pytest
 
 from vdeploy.lockfile import loads_lock
 
+from needs import needs_engine
+
 CONFIG = {"architectures": ["TinyForCausalLM"], "model_type": "tiny"}
 WEIGHTS = bytes(range(256)) * 40
 MODELING = b"class TinyForCausalLM:\n    pass\n"
@@ -284,19 +286,37 @@ def test_a_local_folder_that_changes_while_it_is_imported_is_refused(project):
 TOKEN = "hf_vdeployTestTokenThatMustNotLeak"
 
 
-def test_a_gated_repo_needs_hf_token_and_the_token_is_never_written(project, fake_hub, repo_id):
+def gated_repo_manifest(project, fake_hub, repo_id) -> None:
     fake_hub.commit(repo_id, {"config.json": json.dumps(CONFIG).encode(), "model.safetensors": WEIGHTS})
     fake_hub.gate(repo_id, TOKEN)
     project.write_manifest(manifest(repo_id))
+
+
+def assert_the_token_is_nowhere(project, outputs: list[tuple[int, str, str]]) -> None:
+    assert all(TOKEN not in out + err for _, out, err in outputs)
+    assert TOKEN not in project.lock.read_text()
+    for path in project.store.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_a_gated_repo_needs_hf_token_and_the_token_is_never_written(project, fake_hub, repo_id):
+    gated_repo_manifest(project, fake_hub, repo_id)
     _, _, err = project.run_vdeploy("lock", expect=1)
     assert "gated repo" in one_line(err) and "HF_TOKEN" in err
 
     env = {"HF_TOKEN": TOKEN}
     outputs = [project.run_vdeploy(*args, env=env) for args in
-               (("lock",), ("fetch",), ("verify",), ("plan",), ("plan", "--json"), ("up", "--dry-run"))]
-    assert all(TOKEN not in out + err for _, out, err in outputs)
+               (("lock",), ("fetch",), ("verify",), ("plan",), ("plan", "--json"))]
     assert "HF_TOKEN=<redacted>" in outputs[3][1]
-    assert TOKEN not in project.lock.read_text()
-    for path in project.store.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            assert TOKEN.encode() not in path.read_bytes(), path
+    assert_the_token_is_nowhere(project, outputs)
+
+
+@needs_engine
+def test_up_dry_run_of_a_gated_repo_never_shows_or_writes_the_token(project, fake_hub, repo_id):
+    gated_repo_manifest(project, fake_hub, repo_id)
+    env = {"HF_TOKEN": TOKEN}
+    project.run_vdeploy("lock", env=env)
+    outputs = [project.run_vdeploy("up", "--dry-run", env=env)]  # fetches with the token, then plans
+    assert "HF_TOKEN=<redacted>" in outputs[0][1]
+    assert_the_token_is_nowhere(project, outputs)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from needs import ENGINE_REASON
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_REPO = "tiny/llama"
 
@@ -23,7 +25,7 @@ def tiny_model(tmp_path_factory) -> Path:
     """The tiny Llama, built by the example's deterministic script."""
     # find_spec, not import: importing vLLM here would change this process's environment
     if importlib.util.find_spec("vllm") is None:
-        pytest.skip("the end-to-end tests need the engine: run scripts/setup")
+        pytest.skip(ENGINE_REASON)
     sys.path.insert(0, str(ROOT / "examples" / "tiny"))
     from build_model import build_model
 
