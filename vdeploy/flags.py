@@ -165,8 +165,12 @@ STATIC_FLAGS = {
 def check_serve(
     serve: dict[str, Any], catalogue: Catalogue | None, manifest: Manifest
 ) -> tuple[dict[str, Any], list[str]]:
-    """[serve] checked against the engine's flags: (normalised values, checks that were skipped).
+    """[serve] checked against the engine's flags: (the values, checks that were skipped).
 
+    The values are the ones written, whatever the catalogue: the lock holds them, and the same
+    manifest must lock to the same bytes where the engine is installed and where it is not.
+    What the engine makes of them (one string for a list flag, a size word for an engine that
+    takes plain integers) is rendering's business.
     Each problem raises one ManifestError line naming the file, line, key and what is allowed.
     Keys arrive kebab-cased, with owned flags already refused and secrets already checked as
     references by manifest.py.
@@ -233,9 +237,8 @@ def _short_form(manifest: Manifest, key: str, long_name: str, value: Any) -> Man
 def _check_value(spec: FlagSpec, key: str, value: Any, manifest: Manifest) -> Any:
     static = STATIC_FLAGS.get(key)
     if static is not None and static.kind == "size" and spec.kind != "size":
-        # An engine whose parser predates size words ("32K"): check them, pass the number.
-        size = _check_size(static, key, value, manifest)
-        return parse_size(size) if isinstance(size, str) else size
+        # An engine whose parser predates size words ("32K"): render_serve passes the number.
+        return _check_size(static, key, value, manifest)
     if spec.kind in ("bool", "store_true", "store_false"):
         if not isinstance(value, bool):
             raise manifest_problem(manifest, "serve", key, f"must be true or false, not {toml_text(value)}")
@@ -248,7 +251,9 @@ def _check_value(spec: FlagSpec, key: str, value: Any, manifest: Manifest) -> An
         items = value if isinstance(value, list) else [value]
         if not items:
             raise manifest_problem(manifest, "serve", key, "must list at least one value", "or remove the key")
-        return [_check_scalar(spec, key, item, manifest) for item in items]
+        for item in items:
+            _check_scalar(spec, key, item, manifest)
+        return value
     if value is True and spec.nargs == "?":  # a flag whose value is optional: present without one
         return value
     return _check_scalar(spec, key, value, manifest)
@@ -387,6 +392,8 @@ def render_serve(serve: dict[str, Any], catalogue: Catalogue | None) -> list[str
 def _render_flag(key: str, value: Any, spec: FlagSpec | None) -> list[str]:
     option = f"--{key}"
     kind = spec.kind if spec is not None else None
+    if isinstance(value, str) and kind != "size" and key in STATIC_FLAGS and STATIC_FLAGS[key].kind == "size":
+        value = parse_size(value)  # an engine whose parser predates size words ("32K")
     if isinstance(value, bool):
         if kind in (None, "bool"):
             return [option] if value else [f"--no-{key}"]

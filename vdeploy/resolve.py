@@ -80,7 +80,7 @@ def lock_manifest(
                 summarise(stale_changes(resolved.previous, manifest)) if resolved.previous else "it is unreadable or older"
             )
             raise LockError(f"{manifest.lock_path}: locking would change the lock ({why or 'its contents differ'}); run `vdeploy lock`")
-        return LockOutcome(lock=lock, written=False, previous=resolved.previous)
+        return LockOutcome(lock=lock, written=False, skipped=resolved.skipped, previous=resolved.previous)
     store = Store(manifest.store_path())
     # Local folders are copied into the store now, so later edits to them cannot change this lock;
     # small Hub files were read to hash them, so fetch need not download them again.
