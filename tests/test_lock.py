@@ -265,6 +265,7 @@ def test_a_lock_from_a_newer_vdeploy_is_left_alone(project, model_repo):
 
 HOSTILE_LOCK_NAMES = [
     ("path", "../../etc/passwd"), ("blob", "../../../evil"), ("commit", "../x"), ("store-name", "../models--x"),
+    ("revision", "../../../../evil"), ("revision", "/abs/evil"), ("revision", "main/../../../../evil"),
 ]
 
 

@@ -17,7 +17,7 @@ from vdeploy.atomic import write_atomically
 from vdeploy.changes import Change, Effect, mapping_changes, summarise
 from vdeploy.constants import LOCK_NAME, vdeploy_cache_dir
 from vdeploy.errors import LockError
-from vdeploy.manifest import OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex
+from vdeploy.manifest import BAD_REF_RE, OPERATIONAL_FLAGS, Manifest, canonical_json, sha256_hex
 from vdeploy.safety import path_problem
 from vdeploy.trust import AutoMapEntry
 
@@ -371,6 +371,10 @@ def _source_problem(source: LockedSource) -> str | None:
     name = source.name
     if not isinstance(name, str) or not name.startswith("models--") or "/" in name or path_problem(name):
         return f"store-name {name!r} is not a models--org--name folder"
+    revision = source.revision
+    if revision is not None and (not isinstance(revision, str) or not revision or BAD_REF_RE.search(revision)):
+        # fetch writes refs/<revision>
+        return f"revision {revision!r} is not a branch, tag or commit name"
     for file in source.files:
         if not isinstance(file.path, str) or path_problem(file.path):
             return f"file path {file.path!r} {path_problem(str(file.path)) or 'is not a string'}"
