@@ -13,7 +13,7 @@ inspect and download model repos (shared/notes/hub.md, section 3):
 Repos live in memory and are built with `commit()`, `tag()` and `branch()`.
 The server never emits Xet fields or headers, so the client always downloads
 over plain HTTP. It can misbehave on request (wrong bytes, cut connections,
-blanket failures) so that tests can exercise a client's error handling.
+slow links, blanket failures) so that tests can exercise a client's error handling.
 
     with FakeHub() as hub:
         sha = hub.commit("org/model", {"config.json": b"{}"})
@@ -29,6 +29,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -144,6 +145,8 @@ class Response(NamedTuple):
     body: bytes
     # Set to cut the connection after this many body bytes.
     cut_after: int | None = None
+    # Set to send the body at this many bytes per second.
+    rate: int | None = None
 
 
 class HubError(Exception):
@@ -181,6 +184,7 @@ class FakeHub:
         self._request_log: list[LoggedRequest] = []
         self._wrong_bytes: set[tuple[str, str]] = set()
         self._cuts: dict[tuple[str, str], tuple[int, int]] = {}  # -> (after_bytes, times left)
+        self._rates: dict[tuple[str, str], int] = {}  # -> bytes per second
         self._fail_status: int | None = None
         self._gated: dict[str, str] = {}  # repo id → the token it needs
         self._server: _Server | None = None
@@ -308,6 +312,16 @@ class FakeHub:
         with self._lock:
             return list(self._request_log)
 
+    def ranges_asked(self, repo_id: str, path: str) -> list[str | None]:
+        """The Range header of each GET of this file (None: the whole file), oldest first."""
+        prefix = f"/{urllib.parse.quote(repo_id)}/resolve/"
+        suffix = "/" + urllib.parse.quote(path)
+        with self._lock:
+            return [
+                logged.headers.get("Range") for logged in self._request_log
+                if logged.method == "GET" and logged.path.startswith(prefix) and logged.path.endswith(suffix)
+            ]
+
     def clear_requests(self) -> None:
         with self._lock:
             self._request_log.clear()
@@ -328,6 +342,11 @@ class FakeHub:
         with self._lock:
             self._cuts[(repo_id, path)] = (after_bytes, times)
 
+    def throttle(self, repo_id: str, path: str, bytes_per_second: int) -> None:
+        """GETs of this file send its bytes slowly, at about `bytes_per_second`, as a slow link does."""
+        with self._lock:
+            self._rates[(repo_id, path)] = bytes_per_second
+
     def fail_all(self, status: int | None = 500) -> None:
         """Answer every request with `status`; None restores normal service."""
         with self._lock:
@@ -339,10 +358,11 @@ class FakeHub:
             self._gated[repo_id] = token
 
     def reset_faults(self) -> None:
-        """Undo serve_wrong_bytes, cut_connection and fail_all."""
+        """Undo serve_wrong_bytes, cut_connection, throttle and fail_all."""
         with self._lock:
             self._wrong_bytes.clear()
             self._cuts.clear()
+            self._rates.clear()
             self._fail_status = None
 
     # -- request handling (called from server threads) ----------------------
@@ -505,7 +525,7 @@ class FakeHub:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
             data = data[start:stop]
-        return Response(status, headers, data, self._take_cut((repo_id, path)))
+        return Response(status, headers, data, self._take_cut((repo_id, path)), self._rates.get((repo_id, path)))
 
     def _take_cut(self, key: tuple[str, str]) -> int | None:
         after_bytes, times_left = self._cuts.get(key, (0, 0))
@@ -670,6 +690,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method == "HEAD":
             return
+        if response.rate is not None:
+            self._write_slowly(response.body[: response.cut_after], response.rate)
+            self.close_connection = response.cut_after is not None
+            return
         if response.cut_after is None:
             self.wfile.write(response.body)
             return
@@ -677,3 +701,11 @@ class _Handler(BaseHTTPRequestHandler):
         # sees the message body end early.
         self.wfile.write(response.body[: response.cut_after])
         self.close_connection = True
+
+    def _write_slowly(self, body: bytes, rate: int) -> None:
+        """Write body in twentieths of a second's worth, pausing between them."""
+        step = max(1, rate // 20)
+        for start in range(0, len(body), step):
+            self.wfile.write(body[start : start + step])
+            self.wfile.flush()
+            time.sleep(0.05)

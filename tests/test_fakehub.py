@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -448,3 +449,28 @@ class TestRawHttp:
         hub.stop()
         with pytest.raises((http.client.HTTPException, ConnectionError)):
             self.fetch(connection, "GET", f"/api/models/{REPO}")
+
+
+def test_a_throttled_file_arrives_whole_at_about_the_rate_asked(hub, tmp_path):
+    weights = os.urandom(512 * 1024)
+    hub.commit(REPO, {"model.safetensors": weights})
+    hub.throttle(REPO, "model.safetensors", 1024 * 1024)  # half a second for the file
+
+    result = run_client(
+        hub,
+        tmp_path,
+        """
+        started = time.monotonic()
+        path = hf_hub_download("org/model", "model.safetensors", cache_dir=sys.argv[1])
+        result = [hashlib.sha256(Path(path).read_bytes()).hexdigest(), time.monotonic() - started]
+        """,
+    )
+
+    digest, seconds = result
+    assert digest == sha256(weights)
+    assert 0.45 < seconds < 5
+    hub.reset_faults()
+    started = time.monotonic()
+    with urllib.request.urlopen(f"{hub.url}/{REPO}/resolve/main/model.safetensors") as answer:
+        assert answer.read() == weights
+    assert time.monotonic() - started < 0.25  # full speed again
