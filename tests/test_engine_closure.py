@@ -17,9 +17,10 @@ import pytest
 from vdeploy.engine import installed_engine
 from vdeploy.lockfile import loads_lock
 
+from needs import needs_engine
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = installed_engine()
-needs_engine = pytest.mark.skipif(ENGINE is None, reason="needs the vLLM engine: run scripts/setup")
 
 WEIGHTS = b"\0" * 4096
 
@@ -32,7 +33,12 @@ def local_model(project) -> None:
 
 
 def manifest(runtime: str) -> str:
-    return f'[model]\npath = "weights"\n\n[serve]\nmax-model-len = 128\n\n[runtime]\n{runtime}\n\n[store]\ndownload-dir = "store"\n'
+    # served-model-name as one string: the engine's catalogue knows it is a list flag, and the lock
+    # must not depend on whether the catalogue was there
+    return (
+        f'[model]\npath = "weights"\n\n[serve]\nmax-model-len = 128\nserved-model-name = "m"\n\n'
+        f'[runtime]\n{runtime}\n\n[store]\ndownload-dir = "store"\n'
+    )
 
 
 def error_line(stderr: str) -> str:
