@@ -28,12 +28,15 @@ def timed_vdeploy(args: list[str], env: dict[str, str], expect: int = 0) -> floa
     return elapsed
 
 
-def lock_local_folder(root: Path, env: dict[str, str]) -> None:
-    """Lock root/ckpt as a local source, which imports its files into root/store."""
+def engine_line() -> str:
+    """[runtime] engine for a benchmark manifest: the installed engine, else one named for the lock."""
     from vdeploy.engine import installed_engine
 
-    manifest = LOCAL_MANIFEST
-    if installed_engine() is None:
-        manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
-    (root / "vdeploy.toml").write_text(manifest)
+    running = installed_engine()
+    return f'\n[runtime]\nengine = "{running.spec if running is not None else "vllm==0.0.0"}"\n'
+
+
+def lock_local_folder(root: Path, env: dict[str, str]) -> None:
+    """Lock root/ckpt as a local source, which imports its files into root/store."""
+    (root / "vdeploy.toml").write_text(LOCAL_MANIFEST + engine_line())
     timed_vdeploy(["lock", str(root)], env)

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench_cli import engine_line  # noqa: E402
 from fakehub import FakeHub  # noqa: E402
 
 LFS_FILES = 90
@@ -30,18 +31,12 @@ SMALL_FILES = 10
 def lock_and_count(hub: FakeHub, repo: str, work: Path) -> tuple[int, collections.Counter]:
     project = work / repo.replace("/", "--")
     project.mkdir(parents=True)
-    (project / "vdeploy.toml").write_text(f'[model]\nrepo = "{repo}"\n')
+    (project / "vdeploy.toml").write_text(f'[model]\nrepo = "{repo}"\n' + engine_line())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "VDEPLOY_"))}
     env.update(
         HF_ENDPOINT=hub.url, HF_HOME=str(work / "home"), HF_HUB_DISABLE_XET="1",
         HF_HUB_DISABLE_TELEMETRY="1", VDEPLOY_CACHE_DIR=str(work / "home"),
     )
-    from vdeploy.engine import installed_engine
-
-    if installed_engine() is None:
-        (project / "vdeploy.toml").write_text(
-            f'[model]\nrepo = "{repo}"\n[runtime]\nengine = "vllm==0.0.0"\n'
-        )
     hub.clear_requests()
     done = subprocess.run([sys.executable, "-m", "vdeploy", "lock", str(project)], env=env, capture_output=True, text=True)
     if done.returncode != 0:

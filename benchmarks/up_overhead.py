@@ -68,10 +68,12 @@ def main() -> None:
 
     vdeploy = [sys.executable, "-m", "vdeploy"]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "tiny"
-        folder.mkdir()
+        # The repository's layout: the example may name ../../constraints/engine-cpu.txt.
+        folder = Path(tmp) / "examples" / "tiny"
+        folder.mkdir(parents=True)
         for name in ("vdeploy.toml", "vdeploy.lock"):
             shutil.copy(ROOT / "examples" / "tiny" / name, folder / name)
+        shutil.copytree(ROOT / "constraints", Path(tmp) / "constraints")
         subprocess.run([sys.executable, str(ROOT / "examples" / "tiny" / "build_model.py"), str(folder / "model")], check=True)
         subprocess.run([*vdeploy, "fetch", str(folder)], check=True, stderr=subprocess.DEVNULL)
 
