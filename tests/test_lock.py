@@ -450,6 +450,8 @@ def test_lock_caches_its_parse_reading_writes_nothing_and_never_serves_a_stale_o
     from vdeploy.lockfile import read_lock as read_lock_file
 
     cache = tmp_path / "cache"
+    if (project.cache / "flags").is_dir():  # the engine's catalogue, probed once by the session
+        shutil.copytree(project.cache / "flags", cache / "flags")
     monkeypatch.setenv("VDEPLOY_CACHE_DIR", str(cache))
     repo, sha = model_repo
     project.write_manifest(hub_manifest(repo))
