@@ -16,7 +16,8 @@ app = typer.Typer(
     name="vdeploy",
     help="Declarative, locked, reproducible vLLM deployments.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: about 2 ms of CPU on `--help` (benchmarks/completion_cost.py).
+    add_completion=True,
     # Pretty exceptions print local variables, which can hold a token.
     pretty_exceptions_enable=False,
     # Plain help: importing rich to draw boxes would double the start-up of `--help`.
