@@ -34,3 +34,7 @@ class EngineError(VdeployError):
 
 class LaunchError(VdeployError):
     """The engine cannot be started, or kept running, from this lock."""
+
+
+class ExportError(VdeployError):
+    """The locked deployment cannot be exported as asked (options, image, topology, names)."""
