@@ -14,6 +14,7 @@ import copy
 import http.server
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -48,6 +49,7 @@ HUB_EXAMPLES = {
     "multi-gpu": "Qwen/Qwen3-32B",
     "two-node": "Qwen/Qwen3-235B-A22B",
     "ray-cluster": "Qwen/Qwen2.5-72B-Instruct",
+    "all-flags": "Qwen/Qwen3-0.6B",
 }
 
 CASES = [
@@ -61,6 +63,8 @@ CASES = [
     ("two-node", "systemd", ("--master-addr", LEADER)),
     ("ray-cluster", "raycluster", ("--image", IMAGE, "--nodes", "2")),
     ("ray-cluster", "lws", ("--image", IMAGE, "--nodes", "2")),
+    # Every flag of the seed (JSON values, lists, TLS paths) through systemd's quoting.
+    ("all-flags", "systemd", ("--master-addr", LEADER)),
 ]
 CASE_IDS = [f"{example}-{fmt}" for example, fmt, _ in CASES]
 
@@ -98,7 +102,9 @@ def workspace(tmp_path_factory, hub) -> Path:
         hub.commit(repo, synthetic_repo(repo))
         folder = base / "examples" / example
         folder.mkdir(parents=True)
-        shutil.copy(EXAMPLES / example / "vdeploy.toml", folder / "vdeploy.toml")
+        for name in ("vdeploy.toml", "chat_template.jinja"):
+            if (EXAMPLES / example / name).is_file():
+                shutil.copy(EXAMPLES / example / name, folder / name)
         cli(base, hub).run_vdeploy("lock", folder)
     return base
 
@@ -370,8 +376,6 @@ def test_every_pod_verifies_the_lock_first_and_mounts_the_models_read_only_offli
 
 @pytest.mark.parametrize("case_id", KUBERNETES_CASES)
 def test_names_fit_kubernetes_limits_and_serving_pods_allow_for_loading(exported, case_id):
-    import re
-
     docs = documents(exported[case_id])
     for doc in docs:
         name = doc["metadata"]["name"]
@@ -500,23 +504,31 @@ def node_argvs(workspace: Path, exported) -> list[tuple[str, list[str], list[str
 
 def test_every_container_runs_the_plan_argv_for_its_node(workspace, exported):
     argvs = node_argvs(workspace, exported)
-    # 2 Deployments, 2 compose files, 4 systemd nodes, 2 LWS ranks, 2 Ray heads (RayCluster, LWS)
-    assert len(argvs) == 12
+    # 2 Deployments, 2 compose files, 6 systemd nodes, 2 LWS ranks, 2 Ray heads (RayCluster, LWS)
+    assert len(argvs) == 14
     for where, argv, expected in argvs:
         assert argv == expected, where
         assert without_topology(argv) == without_topology(expected)
 
 
-def test_the_engines_own_parser_reads_every_container_argv_as_the_plan_for_its_node(workspace, exported):
+def test_the_engines_own_parser_reads_every_container_argv_as_the_plan_for_its_node(tmp_path, workspace, exported):
     from vdeploy.engine import installed_engine
     from vdeploy.probe import parse_engine_argvs
 
     if installed_engine() is None:
         pytest.skip("needs vLLM installed (its serve parser)")
     argvs = node_argvs(workspace, exported)
-    def after_launcher(argv):
-        return argv[3:] if argv[1] == "-m" else argv[2:]
-    parsed = parse_engine_argvs(sys.executable, [after_launcher(a) for _, a, _ in argvs] + [after_launcher(e) for _, _, e in argvs])
+
+    def as_parsed_here(argv):
+        # vLLM checks that a chat template path exists: the stores move here, on both sides alike.
+        moved = [re.sub(r"^(/models/hub|/var/lib/vdeploy/[a-z0-9-]+/hub)", str(tmp_path), a) for a in argv]
+        for flag, value in zip(moved, moved[1:]):
+            if flag == "--chat-template":
+                Path(value).parent.mkdir(parents=True, exist_ok=True)
+                Path(value).write_text("{{ messages }}")
+        return moved[3:] if moved[1] == "-m" else moved[2:]
+
+    parsed = parse_engine_argvs(sys.executable, [as_parsed_here(a) for _, a, _ in argvs] + [as_parsed_here(e) for _, _, e in argvs])
     containers, plans = parsed[:len(argvs)], parsed[len(argvs):]
     for (where, argv, _), ours, plan in zip(argvs, containers, plans):
         assert ours == plan, where
@@ -529,6 +541,9 @@ def test_the_engines_own_parser_reads_every_container_argv_as_the_plan_for_its_n
     assert by_where["ray-cluster-raycluster head"]["distributed_executor_backend"] == "ray"
     assert by_where["ray-cluster-raycluster head"]["nnodes"] == 1
     assert by_where["two-node-systemd qwen3-235b-node1.service"]["master_addr"] == LEADER
+    every_flag = by_where["all-flags-systemd qwen3-node1.service"]
+    assert (every_flag["nnodes"], every_flag["node_rank"], every_flag["master_port"], every_flag["headless"]) == (2, 1, 29501, True)
+    assert every_flag["default_chat_template_kwargs"] == {"enable_thinking": False}
 
 
 # ---- the init step, for real --------------------------------------------------------------------

@@ -166,7 +166,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
         validate = serve_args_validator()
         if validate is not None:
             validate(namespace)
-    except (ArgvRejected, ValueError, TypeError) as exc:
+    except Exception as exc:  # argparse's, or any of vLLM's own checks (VLLMValidationError is no ValueError)
         return {"error": " ".join(str(exc).split())}
     return {"namespace": {dest: plain(value) for dest, value in sorted(vars(namespace).items())}}
 
