@@ -833,3 +833,99 @@ def test_shlex_join_and_split_keep_the_ray_head_argv():
     # The Ray head runs vLLM from a shell script line; quoting must survive JSON-valued flags.
     argv = ["vllm", "serve", "/m", "--speculative-config", '{"method":"ngram","num_speculative_tokens":3}', "--x", "a b"]
     assert shlex.split(shlex.join(argv)) == argv
+
+
+# ---- the checks made before writing refuse what breaks an invariant ----------------------------------
+
+
+def target_for(workspace: Path, example: str, fmt: str, **options):
+    from vdeploy.export import ExportOptions, make_target
+    from vdeploy.manifest import load_manifest
+
+    manifest = load_manifest(workspace / "examples" / example)
+    return make_target(fmt, manifest, locked(workspace, example), None, ExportOptions(**options), [])
+
+
+def first_template(docs: list[dict], kind: str, role: int = 0) -> dict:
+    return pod_templates(next(d for d in docs if d["kind"] == kind))[role][1]
+
+
+KUBERNETES_BREAKS = {
+    "no verify step": lambda docs: first_template(docs, "LeaderWorkerSet", 1)["spec"]["initContainers"].pop(1),
+    "fetch of another lock": lambda docs: first_template(docs, "LeaderWorkerSet")["spec"]["initContainers"][0]["command"].__setitem__(2, "/etc/other"),
+    "models writable": lambda docs: first_template(docs, "LeaderWorkerSet", 1)["spec"]["containers"][0]["volumeMounts"][0].pop("readOnly"),
+    "online": lambda docs: env_of(first_template(docs, "LeaderWorkerSet")["spec"]["containers"][0])["HF_HUB_OFFLINE"].__setitem__("value", "0"),
+    "tagged image": lambda docs: first_template(docs, "LeaderWorkerSet", 1)["spec"]["initContainers"][1].__setitem__("image", "vdeploy:latest"),
+    "literal key": lambda docs: env_of(first_template(docs, "LeaderWorkerSet")["spec"]["containers"][0])["VLLM_API_KEY"].update(value="sk", valueFrom=None),
+    "another flag": lambda docs: first_template(docs, "LeaderWorkerSet", 1)["spec"]["containers"][0]["args"].append("--enforce-eager"),
+    "wrong rank": lambda docs: first_template(docs, "LeaderWorkerSet")["spec"]["containers"][0]["args"].__setitem__(
+        first_template(docs, "LeaderWorkerSet")["spec"]["containers"][0]["args"].index("--node-rank") + 1, "1"),
+    "short start-up": lambda docs: first_template(docs, "LeaderWorkerSet")["spec"]["containers"][0]["startupProbe"].__setitem__("failureThreshold", 3),
+    "LeaderReady": lambda docs: next(d for d in docs if d["kind"] == "LeaderWorkerSet")["spec"].__setitem__("startupPolicy", "LeaderReady"),
+    "default restart policy": lambda docs: next(d for d in docs if d["kind"] == "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"].__setitem__("restartPolicy", "RecreateGroupOnPodRestart"),
+    "Service named like the set": lambda docs: next(d for d in docs if d["kind"] == "Service")["metadata"].__setitem__("name", "qwen3-235b"),
+    "mutable ConfigMap": lambda docs: next(d for d in docs if d["kind"] == "ConfigMap").pop("immutable"),
+}
+
+
+@pytest.mark.parametrize("change", list(KUBERNETES_BREAKS))
+def test_the_kubernetes_check_refuses_a_broken_invariant(workspace, exported, change):
+    from vdeploy.export import kubernetes_problem
+
+    target = target_for(workspace, "two-node", "lws", image=IMAGE)
+    docs = documents(exported["two-node-lws"])
+    assert kubernetes_problem(target, docs) is None
+    KUBERNETES_BREAKS[change](docs)
+    assert kubernetes_problem(target, docs) is not None
+
+
+def test_the_ray_head_check_reads_the_argv_off_its_script(workspace, exported):
+    from vdeploy.export import kubernetes_problem
+
+    target = target_for(workspace, "ray-cluster", "raycluster", image=IMAGE, nodes=2)
+    docs = documents(exported["ray-cluster-raycluster"])
+    assert kubernetes_problem(target, docs) is None
+    head = first_template(docs, "RayCluster")["spec"]["containers"][0]
+    head["command"][2] = head["command"][2].replace("--seed 0", "--seed 1")
+    assert "not the plan's" in kubernetes_problem(target, docs)
+
+
+def test_the_compose_and_systemd_checks_refuse_a_broken_invariant(workspace, exported):
+    from vdeploy.export import Unit, compose_problem, systemd_problem
+
+    target = target_for(workspace, "multi-gpu", "compose", image=IMAGE)
+    (compose,) = documents(exported["multi-gpu-compose"])
+    assert compose_problem(target, compose) is None
+    for break_it in (
+        lambda c: c["services"]["vllm"]["volumes"][0].pop("read_only"),
+        lambda c: c["services"]["vllm"].pop("depends_on"),
+        lambda c: c["services"]["vllm"]["command"].append("--enforce-eager"),
+        lambda c: c["services"]["vllm"]["environment"].__setitem__("VLLM_API_KEY", "sk"),
+    ):
+        broken = copy.deepcopy(compose)
+        break_it(broken)
+        assert compose_problem(target, broken) is not None
+
+    target = target_for(workspace, "two-node", "systemd", master_addr=LEADER)
+    files = exported["two-node-systemd"]
+
+    def unit(path: str, edit=lambda text: text) -> Unit:
+        sections, name = [], None
+        for line in edit(files[path]).splitlines():
+            if line.startswith("["):
+                name = line.strip("[]")
+                sections.append((name, []))
+            elif "=" in line and not line.startswith("#"):
+                sections[-1][1].append(tuple(line.split("=", 1)))
+        return Unit(path, tuple((n, tuple(e)) for n, e in sections), "")
+
+    paths = ["qwen3-235b-store.service", "qwen3-235b-node0.service", "qwen3-235b-node1.service"]
+    assert systemd_problem(target, [unit(p) for p in paths]) is None
+    for path, edit in (
+        (paths[0], lambda t: t.replace("verify --full", "verify")),
+        (paths[1], lambda t: t.replace("ProtectSystem=strict\n", "ProtectSystem=strict\nPrivateDevices=yes\n")),
+        (paths[2], lambda t: t.replace("--node-rank 1", "--node-rank 0")),
+        (paths[2], lambda t: t.replace("Requires=qwen3-235b-store.service\n", "")),
+        (paths[1], lambda t: t.replace("NoNewPrivileges=yes\n", "")),
+    ):
+        assert systemd_problem(target, [unit(p, edit if p == path else (lambda t: t)) for p in paths]) is not None

@@ -1,4 +1,4 @@
-"""Step 7 of the flow, its last part: the exported documents as text. Deterministic YAML for
+"""Step 6 of the flow on other machines (export.py), its last part: the documents as text. Deterministic YAML for
 JSON-like data, and systemd unit files. Pure: the same data always gives the same bytes.
 
 vdeploy writes its own YAML rather than calling PyYAML: the data is plain (mappings, lists,

@@ -1,5 +1,6 @@
-"""Step 7 of the flow: the locked deployment as another system's documents. Lock × options →
-Kubernetes (Deployment, LeaderWorkerSet, KubeRay RayCluster), docker compose or systemd units.
+"""Step 6 of the flow, on other machines: instead of launching here, the locked deployment as
+another system's documents. Lock × options → Kubernetes (Deployment, LeaderWorkerSet, KubeRay
+RayCluster), docker compose or systemd units.
 
 Pure: `export()` reads and writes nothing (`load_for_export` and `write_export` are the edges).
 Every container and unit runs `make_plan`'s argv for its node: the store is the container's, the
@@ -56,7 +57,7 @@ STARTUP_BASE_SECONDS = 900
 STARTUP_BYTES_PER_SECOND = 100_000_000
 PROBE_PERIOD_SECONDS = 10
 
-# LeaderWorkerSet fills these in, in every container (notes/k8s.md §1).
+# LeaderWorkerSet fills these in, in every container (shared/notes/k8s.md §1).
 LWS_RANK = "$(LWS_WORKER_INDEX)"
 LWS_LEADER = "$(LWS_LEADER_ADDRESS)"
 RAY_PORT = 6379
@@ -73,7 +74,7 @@ CONFIGMAP_LIMIT = 1_000_000  # bytes; the API server's limit is 1 MiB including 
 CONFIG_KEY_RE = re.compile(r"[-._a-zA-Z0-9]+")
 QUANTITY_RE = re.compile(r"[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
 
-# systemd: hardening that is safe for vLLM on GPUs (notes/k8s.md §6) ...
+# systemd: hardening that is safe for vLLM on GPUs (shared/notes/k8s.md §6) ...
 SYSTEMD_HARDENING = (
     ("NoNewPrivileges", "yes"),
     ("ProtectSystem", "strict"),
