@@ -34,3 +34,7 @@ class EngineError(VdeployError):
 
 class LaunchError(VdeployError):
     """The engine cannot be started, or kept running, from this lock."""
+
+
+class RegistryError(VdeployError):
+    """An OCI registry refused, or could not be reached for, a push or a pull; or a reference is malformed."""
