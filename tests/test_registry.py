@@ -477,6 +477,19 @@ def test_basic_auth_from_the_environment_variable_and_a_credential_helper(basic_
     assert pulled.digest == digest
 
 
+def test_credentials_are_found_under_the_names_docker_login_files_them(tmp_path, env):
+    hub = docker_config(tmp_path / "hub", {"auths": {"https://index.docker.io/v1/": {"auth": basic("bob", "hub-pw")}}})
+    assert find_credentials("docker.io", {**env, "DOCKER_CONFIG": str(hub)}).username == "bob"
+    assert find_credentials("ghcr.io", {**env, "DOCKER_CONFIG": str(hub)}) is None
+    plain = docker_config(tmp_path / "plain", {"auths": {"registry.lan:5000": {"username": "carol", "password": "pw"}}})
+    found = find_credentials("registry.lan:5000", {**env, "DOCKER_CONFIG": str(plain)})
+    assert (found.username, found.source) == ("carol", str(plain / "config.json")) and "pw" not in repr(found)
+    # ~/.docker/config.json when DOCKER_CONFIG is unset; the environment variable before any file.
+    docker_config(Path(env["HOME"]) / ".docker", {"auths": {"registry.lan:5000": {"auth": basic("dave", "pw")}}})
+    assert find_credentials("registry.lan:5000", env).username == "dave"
+    assert find_credentials("registry.lan:5000", {**env, AUTH_VARIABLE: "ci:token"}).source == AUTH_VARIABLE
+
+
 def test_credentials_that_cannot_be_used_are_refused_in_one_line(tmp_path, env):
     cases = [
         ({AUTH_VARIABLE: "no-colon-here"}, "must be user:password"),
@@ -623,6 +636,17 @@ def test_https_checks_the_certificate(tmp_path, env, monkeypatch, files):
         pushed = push_layout(tmp_path / "layout", reference, plain_http=False, environ=env)
         pulled = pull_to_layout(reference, tmp_path / "pulled", plain_http=False, environ=env)
         assert pushed.digest == pulled.digest == digest
+    finally:
+        server.stop()
+
+    # A trusted certificate for another name is refused too.
+    other_cert, other_key = self_signed(tmp_path, "other.test", ip="127.0.0.2")
+    monkeypatch.setenv("SSL_CERT_FILE", str(other_cert))
+    server = start(tmp_path / "other-registry", tls=(other_cert, other_key))
+    try:
+        with pytest.raises(RegistryError) as refused:
+            pull_to_layout(f"{server.host}/x/y:v1", tmp_path / "other", plain_http=False, environ=env)
+        assert "TLS certificate of 127.0.0.1 is not trusted (IP address mismatch" in one_line(refused)
     finally:
         server.stop()
 
