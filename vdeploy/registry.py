@@ -67,6 +67,8 @@ TIMEOUT = 60.0
 # Manifests are small; this bounds what a hostile registry can make vdeploy hold in memory.
 MAX_MANIFEST_SIZE = 64 * 1024 * 1024
 MAX_REDIRECTS = 5
+# Digests named in one refusal; the rest are counted, so the line stays readable.
+MAX_LISTED = 8
 # A bearer token is renewed this long before it expires, so no request starts with a stale one.
 TOKEN_MARGIN = 15.0
 
@@ -931,8 +933,9 @@ def push_layout(
         in_registry = _run_jobs(artifact.blobs, lambda blob, stop: _blob_exists(session, blob), jobs)
         missing = [blob.digest for blob, there in zip(artifact.blobs, in_registry) if not there and blob.digest not in present]
         if missing:
+            listed = ", ".join(missing[:MAX_LISTED]) + (f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else "")
             raise session.error(
-                f"{len(missing)} blob(s) are neither in {layout} nor in the registry: {', '.join(missing)}; "
+                f"{len(missing)} blob(s) are neither in {layout} nor in the registry: {listed}; "
                 f"push from a layout that holds them (all volumes of the bundle)"
             )
         to_send = [blob for blob, there in zip(artifact.blobs, in_registry) if not there]
@@ -1115,7 +1118,10 @@ def pull_to_layout(
             shutil.rmtree(layout, ignore_errors=True)
         elif existed == "empty":
             for child in layout.iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         raise
     finally:
         session.close()
