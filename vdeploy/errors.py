@@ -38,3 +38,7 @@ class LaunchError(VdeployError):
 
 class ExportError(VdeployError):
     """The locked deployment cannot be exported as asked (options, image, topology, names)."""
+
+
+class RegistryError(VdeployError):
+    """An OCI registry refused, or could not be reached for, a push or a pull; or a reference is malformed."""
