@@ -34,3 +34,7 @@ class EngineError(VdeployError):
 
 class LaunchError(VdeployError):
     """The engine cannot be started, or kept running, from this lock."""
+
+
+class DiffInputError(VdeployError):
+    """A side of `vdeploy diff` (a file, a folder, a git revision, a run record) cannot be read."""
