@@ -269,7 +269,9 @@ def diff(
     as_json: JsonOption = False,
 ) -> None:
     """What differs between two deployments, and whether it can change the answers.
-    Exit 0 same, 1 different, 2 error."""
+
+    No argument: ./vdeploy.lock against git:HEAD (what is not committed). One: it against
+    ./vdeploy.lock. Exit 0 same, 1 different, 2 error."""
     from vdeploy.sides import diff_inputs
 
     try:
