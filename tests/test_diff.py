@@ -275,6 +275,33 @@ def test_changed_remote_code_shows_its_text(project, fake_hub, repo_id):
     assert moved_line.startswith(f"model source {repo_id} main changed: ")
 
 
+def test_a_format_1_lock_is_read_with_the_engine_it_recorded(project, fake_hub, repo_id):
+    fake_hub.commit(repo_id, FILES)
+    project.write_manifest(hub_manifest(repo_id))
+    project.run_vdeploy("lock")
+    text = project.lock.read_text()
+    lock = loads_lock(text)
+    # The same lock as format 1 wrote it (its engine as found where lock ran; its id computed another way).
+    engine = f'[engine]\ndistribution = "{lock.engine.distribution}"\nversion = "{lock.engine.version}"\nsource = "installed"\n'
+
+    def format_1(torch: str) -> str:
+        head = text.replace("version = 2\n", "version = 1\n", 1).replace(lock.deployment, "0" * 64).split("[engine]")[0]
+        return head + engine + torch + "\n[runtime]" + text.split("[runtime]", 1)[1]
+
+    (project.folder / "torch.lock").write_text(format_1('torch = "2.13.0+cpu"\n'))
+    report = diff(project, "torch.lock")
+    assert "  note: lock format 1: its deployment id is computed another way than format 2's" in report
+    assert sections(report) == {"engine: changes outputs": ["torch removed (was 2.13.0+cpu)"]}
+
+    # Nothing else differs, but the ids do: said, never "same deployment".
+    (project.folder / "plain.lock").write_text(format_1(""))
+    report = diff(project, "plain.lock")
+    assert sections(report) == {
+        "deployment: unknown (treated as changes outputs)": [f"deployment id changed: {'0' * 12} → {lock.deployment[:12]}"]
+    }
+    assert report.splitlines()[-1] == "1 difference; 1 can change outputs"
+
+
 # ---- JSON and exit codes ---------------------------------------------------------------------
 
 
@@ -417,6 +444,17 @@ def test_two_runs_differ_in_inherited_variables_and_overrides(project, recorded,
     data = json.loads(diff(project, one, two / "record.json", "--json"))
     assert data["old"]["kind"] == data["new"]["kind"] == "record"
     assert next(g for g in data["groups"] if g["name"] == "hardware")["compared"] is True
+
+    # The same run on another machine: its record says another hardware class.
+    for run, hardware in ((one, {"class": "x86_64-avx2", "cpus": 2}), (two, {"class": "x86_64-avx512-amx", "cpus": 2})):
+        record = json.loads((run / "record.json").read_text())
+        (run / "record.json").write_text(json.dumps({**record, "hardware": hardware}))
+    assert sections(diff(project, one, two))["hardware: changes outputs"] == ["class changed: x86_64-avx2 → x86_64-avx512-amx"]
+    record = json.loads((one / "record.json").read_text())
+    (one / "record.json").write_text(json.dumps({**record, "hardware": {"cpus": 2}}))  # a record from before classes
+    assert sections(diff(project, one, two))["hardware: unknown (treated as changes outputs)"] == [
+        "class changed: unknown → x86_64-avx512-amx"
+    ]
 
     # Pure: reading records and planning the lock side imports no engine, no Hub client.
     probe = (
