@@ -38,3 +38,7 @@ class LaunchError(VdeployError):
 
 class DiffInputError(VdeployError):
     """A side of `vdeploy diff` (a file, a folder, a git revision, a run record) cannot be read."""
+
+
+class RegistryError(VdeployError):
+    """An OCI registry refused, or could not be reached for, a push or a pull; or a reference is malformed."""
