@@ -316,6 +316,36 @@ def wait_healthy(
         raise LaunchError(f"{url.rstrip('/')}/health did not answer 200 within {timeout:.0f} s")
 
 
+@app.command()
+def diff(
+    old: Annotated[Optional[str], typer.Argument(
+        help="A lock, a manifest or project folder, git:REV[:PATH], or a run record.", show_default="git:HEAD",
+    )] = None,
+    new: Annotated[Optional[str], typer.Argument(help="The same kinds of input.", show_default="./vdeploy.lock")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What differs between two deployments, and whether it can change the answers.
+
+    No argument: ./vdeploy.lock against git:HEAD (what is not committed). One: it against
+    ./vdeploy.lock. Exit 0 same, 1 different, 2 error."""
+    from vdeploy.sides import diff_inputs
+
+    try:
+        result = diff_inputs(old, new)
+    except (VdeployError, OSError) as exc:
+        # diff(1)'s codes: 1 means "different", so an unreadable input is 2.
+        if os.environ.get("VDEPLOY_DEBUG"):
+            raise
+        where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        typer.secho(f"error: {exc.strerror if isinstance(exc, OSError) else exc}{where}", fg="red", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        typer.echo("\n".join(result.render()))
+    raise typer.Exit(0 if result.same else 1)
+
+
 def main() -> None:
     """Entry point: a VdeployError becomes one red line and exit code 1."""
     try:
