@@ -32,18 +32,6 @@ FILES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def engine_flags(vdeploy_cache):
-    """The installed engine's flag catalogue, probed once (it imports vLLM: seconds, a minute on a
-    busy machine) before the CLI's locks need it, so their timeout measures vdeploy alone."""
-    if installed_engine() is not None:
-        from vdeploy.probe import load_catalogue
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("VDEPLOY_CACHE_DIR", str(vdeploy_cache))
-            load_catalogue(installed_engine().spec)
-
-
 def hub_manifest(repo: str, serve: str = "", runtime: str = "", extra: str = "") -> str:
     return f'[model]\nrepo = "{repo}"\n\n[serve]\n{serve}\n\n[runtime]\n{runtime}\n{extra}'
 

@@ -26,6 +26,7 @@ import pytest
 
 from conftest import Project
 from fakehub import FakeHub
+from needs import needs_engine
 from vdeploy.emit import systemd_command, systemd_split, to_yaml, yaml_stream
 from vdeploy.errors import LaunchError
 from vdeploy.lockfile import loads_lock
@@ -511,12 +512,10 @@ def test_every_container_runs_the_plan_argv_for_its_node(workspace, exported):
         assert without_topology(argv) == without_topology(expected)
 
 
+@needs_engine
 def test_the_engines_own_parser_reads_every_container_argv_as_the_plan_for_its_node(tmp_path, workspace, exported):
-    from vdeploy.engine import installed_engine
     from vdeploy.probe import parse_engine_argvs
 
-    if installed_engine() is None:
-        pytest.skip("needs vLLM installed (its serve parser)")
     argvs = node_argvs(workspace, exported)
 
     def as_parsed_here(argv):
