@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from conftest import Project
 from fakehub import FakeHub
 from needs import needs_engine
+from project import Project
 from vdeploy.emit import systemd_command, systemd_split, to_yaml, yaml_stream
 from vdeploy.errors import LaunchError
 from vdeploy.lockfile import loads_lock
