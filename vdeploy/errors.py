@@ -34,3 +34,8 @@ class EngineError(VdeployError):
 
 class LaunchError(VdeployError):
     """The engine cannot be started, or kept running, from this lock."""
+
+
+class BundleError(VdeployError):
+    """A bundle cannot be written or restored: a missing volume or blob, bytes that do not match
+    their digest, a member that is not a plain file, or a bundle that disagrees with its lock."""
