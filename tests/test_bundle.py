@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tarfile
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from store_tree import tree
 
 ROOT = Path(__file__).resolve().parents[1]
 # The image-spec and ModelPack schemas live in shared/, beside the repository (not in it).
@@ -132,23 +133,6 @@ def error_line(stderr: str) -> str:
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert lines[0].startswith("error: ")
     return lines[0]
-
-
-def tree(store: Path) -> dict[str, tuple]:
-    """What a store holds for vLLM and huggingface_hub: repos and chat templates (not lock files,
-    fingerprints or vdeploy's records), each link's target and each file's bytes and mode."""
-    found: dict[str, tuple] = {}
-    for path in sorted(store.rglob("*")):
-        relative = path.relative_to(store).as_posix()
-        if not relative.startswith(("models--", ".locks/vdeploy/chat-templates")):
-            continue
-        if path.is_symlink():
-            found[relative] = ("link", os.readlink(path))
-        elif path.is_dir():
-            found[relative] = ("folder",)
-        else:
-            found[relative] = ("file", path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
-    return found
 
 
 def assert_nothing_restored(project) -> None:
