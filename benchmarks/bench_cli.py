@@ -32,8 +32,8 @@ def lock_local_folder(root: Path, env: dict[str, str]) -> None:
     """Lock root/ckpt as a local source, which imports its files into root/store."""
     from vdeploy.engine import installed_engine
 
-    manifest = LOCAL_MANIFEST
-    if installed_engine() is None:
-        manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
+    # A lock pins the engine the manifest names: the one installed here, if any.
+    engine = installed_engine()
+    manifest = LOCAL_MANIFEST + f'\n[runtime]\nengine = "{engine.spec if engine else "vllm==0.0.0"}"\n'
     (root / "vdeploy.toml").write_text(manifest)
     timed_vdeploy(["lock", str(root)], env)

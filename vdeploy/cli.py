@@ -327,8 +327,8 @@ def gc(
         emit_json(report.to_json())
         return
     verb = "would remove" if dry_run else "removed"
-    for path, size in report.removed:
-        typer.echo(f"{verb} {path} ({size} bytes)")
+    if report.removed:
+        typer.echo("\n".join(f"{verb} {path} ({size} bytes)" for path, size in report.removed))
     for path in report.in_use:
         say(f"kept {path}: a download holds its lock")
     for path in report.still_linked:

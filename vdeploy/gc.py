@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vdeploy.errors import StoreError
-from vdeploy.lockfile import LockError, loads_lock
 from vdeploy.roots import RootRecord, pins_of, placed_log, read_placed, read_root, rewrite_placed, roots_dir, store_exclusive, this_host
 from vdeploy.safety import path_problem
 from vdeploy.store import Fingerprints, Store
@@ -76,6 +77,8 @@ def _state(record: RootRecord, path: Path) -> RootState:
         return RootState(record, path, "kept", f"its lock cannot be read ({exc.strerror})", recorded)
     if hashlib.sha256(raw).hexdigest() == record.lock_sha256:
         return RootState(record, path, "live", "", recorded)
+    from vdeploy.lockfile import LockError, loads_lock
+
     try:
         current = frozenset(pins_of(loads_lock(raw.decode("utf-8"), record.lock_path, older=True)))
     except (LockError, UnicodeDecodeError) as exc:
@@ -127,8 +130,9 @@ def collect(store: Store, dry_run: bool = False, say: Callable[[str], None] = _s
         live: set[str] = set()
         for root in report.roots:
             live |= root.live_pins
-        placed = {p for p in read_placed(store) if _is_safe(store, p)}
-        garbage = {p for p in placed if p not in live and os.path.lexists(store.root / p)}
+        inside = _inside(store)
+        placed = read_placed(store)
+        garbage = {p for p in placed if p not in live and inside(p)}  # those gone already are skipped
         garbage |= _unpinned_templates(store, live)
         pinned_by_dead = {p for r in report.roots if r.state == "dead" for p in r.record.pins}
         leftovers = _leftovers(store, live, pinned_by_dead | placed)
@@ -138,17 +142,28 @@ def collect(store: Store, dry_run: bool = False, say: Callable[[str], None] = _s
                 if root.state == "dead":
                     root.path.unlink(missing_ok=True)
             removed = {p for p, _ in report.removed}
-            rewrite_placed(store, {p for p in placed - removed if os.path.lexists(store.root / p)})
+            rewrite_placed(store, {p for p in placed - removed if inside(p) and os.path.lexists(os.path.join(store.root, p))})
     return report
 
 
-def _is_safe(store: Store, relative: str) -> bool:
-    """A placed.log line names a file vdeploy places in this store (the log is only a file: it
-    might have been edited), and its folder does not lead out of the store through a link."""
-    if not _PLACED.fullmatch(relative) or path_problem(relative):
-        return False
-    parent = os.path.realpath(os.path.dirname(store.root / relative))
-    return parent == os.path.realpath(store.root) or parent.startswith(os.path.realpath(store.root) + os.sep)
+def _inside(store: Store) -> Callable[[str], bool]:
+    """Whether a placed.log line names a file vdeploy places in this store (the log is only a
+    file: it might have been edited) in a folder that does not lead out of it through a link."""
+    root = os.path.realpath(store.root)
+    folders: dict[str, bool] = {}
+
+    def inside(relative: str) -> bool:
+        match = _PLACED.fullmatch(relative)
+        # A blob's name is all hex (the pattern says so); other names are checked like a repo's.
+        if match is None or (match["blob"] is None and path_problem(relative)):
+            return False
+        folder = os.path.dirname(relative)
+        if folder not in folders:
+            real = os.path.realpath(os.path.join(store.root, folder))
+            folders[folder] = real == root or real.startswith(root + os.sep)
+        return folders[folder]
+
+    return inside
 
 
 def _unpinned_templates(store: Store, live: set[str]) -> set[str]:
@@ -169,6 +184,8 @@ def _leftovers(store: Store, live: set[str], vdeploy_blobs: set[str]) -> set[str
         if not blobs.is_dir() or blobs.is_symlink():
             continue
         for entry in os.scandir(blobs):
+            if "." not in entry.name:
+                continue  # a blob: hex only
             staging = _VDEPLOY_STAGING.fullmatch(entry.name)
             partial = _PARTIAL.fullmatch(entry.name)
             if staging or (partial and f"{repo}/blobs/{partial['blob']}" in vdeploy_blobs):
@@ -202,21 +219,50 @@ def _remove(store: Store, garbage: set[str], leftovers: set[str], report: GcRepo
         if name == blob and blob in linked.get(repo, set()):
             report.still_linked.append(path)
             continue
-        lock = store.named_blob_lock(repo, blob)
-        try:
-            lock.acquire(timeout=0)
-        except Exception:  # filelock.Timeout: a download of this blob is under way
-            report.in_use.append(path)
+        if report.dry_run:
+            _unlink(store, path, report)
             continue
-        try:
-            if _unlink(store, path, report) and name == blob:
+        with _unless_locked(store, repo, blob) as free:
+            if not free:
+                report.in_use.append(path)
+            elif _unlink(store, path, report) and name == blob:
                 fingerprints.forget(store.root / path)
-        finally:
-            lock.release()
     if not report.dry_run:
         fingerprints.save()
         for repo in sorted({p.split("/", 1)[0] for p in garbage | leftovers if p.startswith("models--")}):
             _remove_empty_folders(store.root / repo)
+
+
+@contextmanager
+def _unless_locked(store: Store, repo: str, blob: str) -> Iterator[bool]:
+    """Hold the blob's lock (the one huggingface_hub and vdeploy take while writing it) if no one
+    does; yields False when a download holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): through filelock, slower
+        lock = store.named_blob_lock(repo, blob)
+        try:
+            lock.acquire(timeout=0)
+        except Exception:  # filelock.Timeout
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
+        return
+    path = store.root / ".locks" / repo / f"{blob}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what filelock's UnixFileLock takes
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _survivors(store: Store, repos: set[str], going: set[str]) -> tuple[dict[tuple[str, str], int], dict[str, set[str]]]:
@@ -228,33 +274,43 @@ def _survivors(store: Store, repos: set[str], going: set[str]) -> tuple[dict[tup
         if not snapshots.is_dir():
             continue
         start = len(str(store.root)) + 1
-        for dirpath, _, filenames in os.walk(snapshots):
-            for name in filenames:
-                full = os.path.join(dirpath, name)
-                relative = full[start:].replace(os.sep, "/")
-                if relative in going:
-                    continue
-                commit = relative.split("/", 3)[2]
-                survivors[(repo, commit)] = survivors.get((repo, commit), 0) + 1
-                try:
-                    linked.setdefault(repo, set()).add(os.path.basename(os.readlink(full)))
-                except OSError:
-                    pass  # a plain file: it links to nothing
+        for full, is_link in _entries(str(snapshots)):
+            relative = full[start:].replace(os.sep, "/")
+            if relative in going:
+                continue
+            commit = relative.split("/", 3)[2]
+            survivors[(repo, commit)] = survivors.get((repo, commit), 0) + 1
+            if is_link:
+                linked.setdefault(repo, set()).add(os.path.basename(os.readlink(full)))
     return survivors, linked
 
 
+def _entries(folder: str) -> Iterator[tuple[str, bool]]:
+    """Every file or link under folder, and whether it is a link; links are not followed
+    (os.walk would stat every link's target: a blob, once per snapshot entry)."""
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _entries(entry.path)
+        else:
+            yield entry.path, entry.is_symlink()
+
+
 def _unlink(store: Store, relative: str, report: GcReport) -> bool:
-    path = store.root / relative
+    """Remove (or, dry, count) one file or link; False when it is gone already."""
+    path = os.path.join(store.root, relative)  # os.path, not pathlib: once per file of the store
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return False
-    size = info.st_size if not os.path.islink(path) else 0
+    size = 0 if stat.S_ISLNK(info.st_mode) else info.st_size
     if info.st_nlink > 1 and size:
         report.shared_bytes += size
     report.removed.append((relative, size))
     if not report.dry_run:
-        path.unlink(missing_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
     return True
 
 
