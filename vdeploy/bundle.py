@@ -441,7 +441,10 @@ _SIZE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[KMGT]?)(?P<bina
 
 
 def parse_size(text: str) -> int:
-    """A byte count: 123, 500M, 50G, 1.5GB (powers of 1000), 2GiB (powers of 1024)."""
+    """A byte count: 123, 500M, 50G, 1.5GB (powers of 1000), 2GiB (powers of 1024).
+
+    Not vdeploy.flags.parse_size, which reads sizes the way vLLM does ("32K" = 32768): an archive's
+    quota is decimal (Zenodo's 50 GB), and "50G" read as GiB would overflow it."""
     match = _SIZE.fullmatch(text.strip())
     if not match:
         raise BundleError(f"--max-volume-size {text!r}: not a size; write bytes, or 500M, 50G, 2GiB")
