@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import resource
 import shutil
@@ -33,16 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_cli import cli_env, lock_local_folder
+from bench_cli import build_store, cli_env, cores
 
 MB = 1e6
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 CPU: dict[str, list[float]] = {}  # CPU seconds (user + system) of each timed command, by name
@@ -64,23 +56,6 @@ def timed(name: str, argv: list[str], env: dict[str, str] | None = None) -> floa
 
 def vdeploy(name: str, args: list[str], env: dict[str, str]) -> float:
     return timed(name, [sys.executable, "-m", "vdeploy", *args], env)
-
-
-def build_store(root: Path, shards: int, shard_bytes: int, env: dict[str, str]) -> list[Path]:
-    ckpt = root / "ckpt"
-    ckpt.mkdir(parents=True)
-    block = os.urandom(16 * 1024 * 1024)
-    for index in range(shards):
-        with open(ckpt / f"model-{index + 1:05d}-of-{shards:05d}.safetensors", "wb") as out:
-            written = 0
-            while written < shard_bytes:
-                chunk = block[: shard_bytes - written]
-                out.write(index.to_bytes(4, "little") + chunk[4:])  # no two shards the same blob
-                written += len(chunk)
-    (ckpt / "config.json").write_text('{"architectures": ["Synthetic"]}\n')
-    lock_local_folder(root, env)
-    shutil.rmtree(ckpt)
-    return sorted((root / "store").glob("models--*/blobs/*"))
 
 
 def bundle_speed(work: Path, shards: int, shard_mb: int, runs: int) -> None:

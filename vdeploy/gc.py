@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vdeploy.errors import StoreError
-from vdeploy.roots import RootRecord, pins_of, placed_log, read_placed, read_root, rewrite_placed, roots_dir, store_exclusive, this_host
+from vdeploy.roots import RootRecord, pins_of, read_placed, read_root, rewrite_placed, roots_dir, store_exclusive, this_host
 from vdeploy.safety import path_problem
 from vdeploy.store import Fingerprints, Store
 
