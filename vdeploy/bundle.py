@@ -398,17 +398,20 @@ def bundle(
     as_tar = as_tar or max_volume_size is not None
     suffix = BUNDLE_SUFFIX + (".tar" if as_tar else "")
     out = Path(out) if out is not None else manifest.folder / f"{made.ref_name}{suffix}"
-    oci.check_output(out)
     written = oci.Written()
     if not as_tar:
+        oci.check_output(out, folder=True)
         written = oci.write_folder(made.layout(), out, STORE_HINT)
         outputs: tuple[Path, ...] = (out,)
     elif max_volume_size is None:
+        oci.check_output(out, folder=False)
         oci.write_tar(made.layout(), out, STORE_HINT)
         outputs = (out,)
     else:
         volumes = oci.split(made.layout(), max_volume_size, lambda i, n: made.layout((i, n)).index)
         outputs = tuple(volume_path(out, number + 1, len(volumes)) for number in range(len(volumes)))
+        for path in outputs:
+            oci.check_output(path, folder=False)
         for layout, path in zip(volumes, outputs):
             oci.write_tar(layout, path, STORE_HINT)
     result = BundleResult(

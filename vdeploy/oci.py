@@ -165,15 +165,18 @@ def write_folder(layout: Layout, out: Path, hint: str) -> Written:
     return written
 
 
-def check_output(out: Path) -> None:
-    """Refuse to write over anything but an earlier layout (a folder holding oci-layout) or a file."""
-    if out.is_dir() and not out.is_symlink() and not (out / LAYOUT_FILE).is_file():
+def check_output(out: Path, folder: bool) -> None:
+    """Refuse to write over anything but an earlier bundle of the same form: a layout folder
+    (holding oci-layout) for a folder, a file for a tar."""
+    if out.is_symlink() or (out.exists() and out.is_dir() != folder):
+        raise BundleError(f"{out}: exists and is not a bundle {'folder' if folder else 'tar'}; remove it or pass another -o")
+    if folder and out.is_dir() and not (out / LAYOUT_FILE).is_file():
         raise BundleError(f"{out}: exists and is not a bundle; remove it or pass another -o")
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
     if out.is_dir() and not out.is_symlink():
-        check_output(out)
+        check_output(out, folder=True)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(staging, out)
@@ -511,7 +514,9 @@ def _open_tar(path: Path) -> Volume:
 def stage(located: Located, target: Path) -> tuple[str, bool]:
     """Put a blob's bytes at target (a hard link where the bundle is a folder on this file system,
     else a kernel copy); return the sha256 of what is now there, and whether it was linked."""
-    if located.whole_file:
+    # A link only to one's own file: another user could change the bytes of a file they own
+    # after it was checked here.
+    if located.whole_file and os.stat(located.file).st_uid == os.getuid():
         try:
             os.link(located.file, target)
         except OSError:
