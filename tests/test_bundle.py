@@ -556,3 +556,26 @@ def test_umoci_lists_the_layouts_tag(bundled):
     umoci = tool("umoci")
     listed = subprocess.run([umoci, "ls", "--layout", str(bundled.folder)], capture_output=True, text=True, check=True).stdout
     assert listed.split() == [ref_name(bundled.folder)]
+
+
+def test_json_results_name_the_digest_the_outputs_and_what_was_restored(source, bundled, target, tmp_path):
+    _, out, _ = source.run_vdeploy("bundle", "--tar", "-o", tmp_path / "j.tar", "--json")
+    made = json.loads(out)
+    assert made["digest"] == bundled.digest and made["outputs"] == [str(tmp_path / "j.tar")]
+    assert made["files"] == 10 and made["file_bytes"] > len(SHARD_1) + len(SHARD_2)
+    _, out, _ = target.run_vdeploy("unbundle", tmp_path / "j.tar", target.folder, "--json")
+    restored = json.loads(out)
+    assert restored["digest"] == bundled.digest and restored["lock_written"] and restored["restored"] == 8
+
+
+def test_volume_sizes_count_in_powers_of_1000_unless_binary():
+    from vdeploy.bundle import parse_size
+    from vdeploy.errors import BundleError
+
+    assert parse_size("123") == 123
+    assert parse_size("50G") == parse_size("50GB") == 50 * 10**9
+    assert parse_size("1.5M") == 1_500_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("80k") == 80_000
+    with pytest.raises(BundleError, match="not a size"):
+        parse_size("lots")
