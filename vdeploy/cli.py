@@ -348,6 +348,8 @@ def gc(
     dead = sum(1 for r in report.roots if r.state == "dead")
     say(f"store {chosen.root}: {verb} {len(report.removed)} file(s), {report.removed_bytes} bytes{shared}; "
         f"{len(report.roots) - dead} live root(s), {dead} dead")
+
+
 @app.command()
 def export(
     format: Annotated[str, typer.Argument(help="k8s | lws | raycluster | compose | systemd", show_default=False)],
