@@ -1,9 +1,10 @@
-"""What the verify benchmarks share: the CLI in a subprocess, timed, and a locked local-folder project."""
+"""What the benchmarks share: the CLI in a subprocess, timed, and a locked local-folder project."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,32 @@ def lock_local_folder(root: Path, env: dict[str, str]) -> None:
     """Lock root/ckpt as a local source, which imports its files into root/store."""
     (root / "vdeploy.toml").write_text(LOCAL_MANIFEST + engine_line())
     timed_vdeploy(["lock", str(root)], env)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def build_store(root: Path, shards: int, shard_bytes: int, env: dict[str, str]) -> list[Path]:
+    """A local-folder manifest of `shards` files, locked (which imports them into root/store)."""
+    ckpt = root / "ckpt"
+    ckpt.mkdir(parents=True)
+    block = os.urandom(16 * 1024 * 1024)
+    for index in range(shards):
+        with open(ckpt / f"model-{index + 1:05d}-of-{shards:05d}.safetensors", "wb") as out:
+            written = 0
+            while written < shard_bytes:
+                chunk = block[: shard_bytes - written]
+                # Vary each shard so no two are the same blob.
+                out.write(index.to_bytes(4, "little") + chunk[4:])
+                written += len(chunk)
+    (ckpt / "config.json").write_text('{"architectures": ["Synthetic"]}\n')
+    lock_local_folder(root, env)
+    shutil.rmtree(ckpt)  # the store holds its own copies now
+    return sorted((root / "store").glob("models--*/blobs/*"))
 
 
 def file_count_arguments(doc: str) -> argparse.Namespace:

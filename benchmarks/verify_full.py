@@ -26,16 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_cli import cli_env, lock_local_folder, timed_vdeploy
+from bench_cli import build_store, cli_env, cores, timed_vdeploy
 
 TARGET_FACTOR = 0.8
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def openssl_sha256_speed() -> float | None:
@@ -83,25 +76,6 @@ def cached_fraction(paths: list[Path]) -> float | None:
         finally:
             os.close(fd)
     return resident / total if total else None
-
-
-def build_store(root: Path, shards: int, shard_bytes: int, env: dict[str, str]) -> list[Path]:
-    """A local-folder manifest of `shards` files, locked (which imports them into root/store)."""
-    ckpt = root / "ckpt"
-    ckpt.mkdir(parents=True)
-    block = os.urandom(16 * 1024 * 1024)
-    for index in range(shards):
-        with open(ckpt / f"model-{index + 1:05d}-of-{shards:05d}.safetensors", "wb") as out:
-            written = 0
-            while written < shard_bytes:
-                chunk = block[: shard_bytes - written]
-                # Vary each shard so no two are the same blob.
-                out.write(index.to_bytes(4, "little") + chunk[4:])
-                written += len(chunk)
-    (ckpt / "config.json").write_text('{"architectures": ["Synthetic"]}\n')
-    lock_local_folder(root, env)
-    shutil.rmtree(ckpt)  # the store holds its own copies now
-    return [p for p in (root / "store").glob("models--*/blobs/*")]
 
 
 def main() -> None:

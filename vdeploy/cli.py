@@ -262,6 +262,96 @@ def init(
 
 
 @app.command()
+def bundle(
+    manifest: ManifestArg = None,
+    out: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Where to write it (default: beside the manifest, named by model and deployment).")
+    ] = None,
+    tar: Annotated[bool, typer.Option("--tar", help="Write one deterministic tar instead of a folder.")] = False,
+    max_volume_size: Annotated[
+        Optional[str], typer.Option("--max-volume-size", help="Split into tars of at most SIZE (e.g. 50G, 2GiB), each a valid layout.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write every locked file and the lock as an OCI layout holding one ModelPack artifact; print its digest."""
+    from vdeploy.bundle import bundle as write_bundle, parse_size
+
+    size = parse_size(max_volume_size) if max_volume_size is not None else None
+    result = write_bundle(manifest, out, tar, size)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    how = f", {result.linked} hard-linked from the store" if result.linked else ""
+    for path in result.outputs:
+        say(f"wrote {path}")
+    say(f"bundled {result.files} files ({result.file_bytes} bytes{how}) of deployment {result.deployment[:16]}")
+    typer.echo(result.digest)
+
+
+@app.command()
+def unbundle(
+    paths: Annotated[
+        list[Path], typer.Argument(help="The bundle: its folder or tar (every volume, any order), then optionally the manifest.")
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Restore the store offline from a bundle, verified, and write its lock beside the manifest if absent."""
+    from vdeploy.bundle import unbundle as restore_bundle
+
+    result = restore_bundle(paths, say)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    report = result.report
+    linked = f", {report.linked} hard-linked" if report.linked else ""
+    say(f"store {result.store}: {report.restored} restored ({report.restored_bytes} bytes{linked}), {report.present} already present")
+    if result.lock_written:
+        say(f"wrote {result.lock_path}")
+    say(f"restored {result.digest} (deployment {result.deployment[:16]}); next: `vdeploy up --no-fetch`")
+
+
+@app.command()
+def gc(
+    manifest: ManifestArg = None,
+    store: Annotated[
+        Optional[Path], typer.Option("--store", help="The store to clean (default: the manifest's, else the Hugging Face cache).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed, and how many bytes; remove nothing.")] = False,
+    roots: Annotated[bool, typer.Option("--roots", help="List the locks that use the store, live and dead; remove nothing.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove what vdeploy placed in the store that no live lock pins (files other tools put there stay)."""
+    from vdeploy.gc import collect, root_states, store_for
+
+    chosen = store_for(manifest, store)
+    if roots:
+        states = root_states(chosen)
+        if as_json:
+            emit_json([state.to_json() for state in states])
+            return
+        for state in states:
+            why = f"  ({state.why})" if state.why else ""
+            typer.echo(f"{state.state:<8} {state.record.lock_path}  deployment {state.record.deployment[:16]}, {len(state.record.pins)} paths{why}")
+        say(f"store {chosen.root}: {len(states)} root(s)")
+        return
+    report = collect(chosen, dry_run, say)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    if report.removed:
+        typer.echo("\n".join(f"{verb} {path} ({size} bytes)" for path, size in report.removed))
+    for path in report.in_use:
+        say(f"kept {path}: a download holds its lock")
+    for path in report.still_linked:
+        say(f"kept {path}: a snapshot entry vdeploy did not place links to it")
+    shared = f"; {report.shared_bytes} of them stay on disk through other hard links" if report.shared_bytes else ""
+    dead = sum(1 for r in report.roots if r.state == "dead")
+    say(f"store {chosen.root}: {verb} {len(report.removed)} file(s), {report.removed_bytes} bytes{shared}; "
+        f"{len(report.roots) - dead} live root(s), {dead} dead")
+
+
+@app.command()
 def export(
     format: Annotated[str, typer.Argument(help="k8s | lws | raycluster | compose | systemd", show_default=False)],
     manifest: ManifestArg = None,

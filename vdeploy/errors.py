@@ -46,3 +46,8 @@ class DiffInputError(VdeployError):
 
 class RegistryError(VdeployError):
     """An OCI registry refused, or could not be reached for, a push or a pull; or a reference is malformed."""
+
+
+class BundleError(VdeployError):
+    """A bundle cannot be written or restored: a missing volume or blob, bytes that do not match
+    their digest, a member that is not a plain file, or a bundle that disagrees with its lock."""

@@ -21,6 +21,7 @@ from vdeploy.errors import LaunchError, StoreError
 from vdeploy.lockfile import Lock, check_lock_is_current, remember_parse
 from vdeploy.manifest import Manifest, load_manifest
 from vdeploy.plan import PATH_FLAGS, Overrides, Plan, format_plan, make_plan
+from vdeploy.roots import record_use, using_store
 from vdeploy.store import FetchReport, Store, fetch, verify
 
 if TYPE_CHECKING:
@@ -138,20 +139,23 @@ def _catalogue(lock: Lock, running: InstalledEngine | None) -> Catalogue | None:
 
 def fetch_for(manifest: Manifest, lock: Lock, store: Store, say: Callable[[str], None] = _stderr) -> FetchReport:
     """Fetch everything the lock pins; local folders and the chat template come from the manifest."""
-    report = fetch(
-        lock.sources,
-        store,
-        lock.chat_template,
-        manifest.chat_template.data if manifest.chat_template else None,
-        {s.role: s.path for s in manifest.sources if s.is_local},
-        say=say,
-    )
+    # The lock becomes a root of the store, and what fetch places is recorded, for `vdeploy gc`.
+    with using_store(store, manifest.lock_path, lock):
+        report = fetch(
+            lock.sources,
+            store,
+            lock.chat_template,
+            manifest.chat_template.data if manifest.chat_template else None,
+            {s.role: s.path for s in manifest.sources if s.is_local},
+            say=say,
+        )
     remember_parse(manifest.lock_path)
     return report
 
 
 def ensure_store(manifest: Manifest, lock: Lock, store: Store, allow_fetch: bool, say: Callable[[str], None]) -> None:
     """Verify the store; fetch what is missing (verified) unless told not to."""
+    record_use(store, manifest.lock_path, lock)  # a root of the store, so `vdeploy gc` keeps its files
     report = verify(lock, store)
     if report.ok:
         return

@@ -33,6 +33,7 @@ from vdeploy.lockfile import (
     write_lock,
 )
 from vdeploy.manifest import Manifest, SourceSpec, manifest_problem, sha256_hex
+from vdeploy.roots import using_store
 from vdeploy.selection import check_code_policy, select_files
 from vdeploy.store import Store, fetch, keep_blobs
 from vdeploy.trust import CODE_CONFIGS, find_code
@@ -82,25 +83,27 @@ def lock_manifest(
             raise LockError(f"{manifest.lock_path}: locking would change the lock ({why or 'its contents differ'}); run `vdeploy lock`")
         return LockOutcome(lock=lock, written=False, skipped=resolved.skipped, previous=resolved.previous)
     store = Store(manifest.store_path())
-    # Local folders are copied into the store now, so later edits to them cannot change this lock;
-    # small Hub files were read to hash them, so fetch need not download them again.
-    local_sources = [s for s in lock.sources if s.is_local]
-    if local_sources or lock.chat_template is not None:
-        fetch(
-            local_sources, store, lock.chat_template,
-            manifest.chat_template.data if manifest.chat_template else None,
-            {s.role: s.path for s in manifest.sources if s.is_local}, say=lambda line: None,
-        )
-    keep_blobs(store, [s for s in lock.sources if not s.is_local], resolved.small_files)
-    if resolved.code_changes:
-        # Code that will run is shown on its own, before the lock that pins it is written.
-        say("code changes (these files run with trust-remote-code):")
-        for change in resolved.code_changes:
-            say(f"  {change.describe()}")
-    if update and resolved.previous is not None:
-        for line in update_report(resolved.previous, lock, store):
-            say(line)
-    written = write_lock(manifest.lock_path, lock)
+    # What lock places in the store is recorded, with the lock as its root, for `vdeploy gc`.
+    with using_store(store, manifest.lock_path, lock, dumps_lock(lock).encode()):
+        # Local folders are copied into the store now, so later edits to them cannot change this lock;
+        # small Hub files were read to hash them, so fetch need not download them again.
+        local_sources = [s for s in lock.sources if s.is_local]
+        if local_sources or lock.chat_template is not None:
+            fetch(
+                local_sources, store, lock.chat_template,
+                manifest.chat_template.data if manifest.chat_template else None,
+                {s.role: s.path for s in manifest.sources if s.is_local}, say=lambda line: None,
+            )
+        keep_blobs(store, [s for s in lock.sources if not s.is_local], resolved.small_files)
+        if resolved.code_changes:
+            # Code that will run is shown on its own, before the lock that pins it is written.
+            say("code changes (these files run with trust-remote-code):")
+            for change in resolved.code_changes:
+                say(f"  {change.describe()}")
+        if update and resolved.previous is not None:
+            for line in update_report(resolved.previous, lock, store):
+                say(line)
+        written = write_lock(manifest.lock_path, lock)
     return LockOutcome(
         lock=lock, written=written, moved=resolved.moved, skipped=resolved.skipped,
         code_changes=resolved.code_changes, previous=resolved.previous,

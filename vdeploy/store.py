@@ -60,9 +60,13 @@ class Store:
         return self.root / ".locks" / "vdeploy"
 
     def blob_lock(self, source: LockedSource, file: LockedFile):
+        return self.named_blob_lock(source.name, file.blob)
+
+    def named_blob_lock(self, repo_name: str, blob: str):
+        """The lock huggingface_hub and vdeploy take while they write blobs/<blob> of a repo."""
         from filelock import FileLock
 
-        lock_path = self.root / ".locks" / source.name / f"{file.blob}.lock"
+        lock_path = self.root / ".locks" / repo_name / f"{blob}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(lock_path))
 

@@ -97,6 +97,24 @@ def call(url: str, path: str, body: dict | None = None, headers: dict[str, str] 
         return error.code, payload, dict(error.headers)
 
 
+PROMPTS = ["Hello", "The capital of", "1 2 3"]
+
+
+def complete_three(url: str, deployment: str) -> list[tuple[str, list[float]]]:
+    """Three completions at temperature 1.0 with logprobs; each response must carry the deployment id.
+    A fresh launch of one lock (seed 0) gives the same answers every time."""
+    answers = []
+    for prompt in PROMPTS:
+        status, body, _ = call(url, "/v1/completions", {
+            "model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "logprobs": 1,
+        })
+        assert status == 200, body
+        assert body["system_fingerprint"] == deployment
+        choice = body["choices"][0]
+        answers.append((choice["text"], choice["logprobs"]["token_logprobs"]))
+    return answers
+
+
 def processes_in_group(pgid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

@@ -5,25 +5,9 @@ from __future__ import annotations
 import json
 import signal
 
-from engine_support import call, processes_in_group, processes_mentioning, start_up, tiny_manifest
+from engine_support import call, complete_three, processes_in_group, processes_mentioning, start_up, tiny_manifest
 
 from vdeploy.lockfile import loads_lock
-
-PROMPTS = ["Hello", "The capital of", "1 2 3"]
-
-
-def complete_three(url: str, deployment: str) -> list[tuple[str, list[float]]]:
-    """Three completions at temperature 1.0 with logprobs; each response must carry the deployment id."""
-    answers = []
-    for prompt in PROMPTS:
-        status, body, _ = call(url, "/v1/completions", {
-            "model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "logprobs": 1,
-        })
-        assert status == 200, body
-        assert body["system_fingerprint"] == deployment
-        choice = body["choices"][0]
-        answers.append((choice["text"], choice["logprobs"]["token_logprobs"]))
-    return answers
 
 
 def last_run(project) -> dict:
@@ -36,7 +20,7 @@ def assert_nothing_left(project, run: dict) -> None:
     assert processes_mentioning(str(project.store)) == [], "a process still runs from the store"
 
 
-def test_two_launches_from_one_lock_answer_the_same_and_a_new_seed_differs(project, tiny_repo):
+def test_two_launches_from_one_lock_answer_the_same_and_a_new_seed_differs(project, tiny_repo, answers_of_fresh_launches):
     project.write_manifest(tiny_manifest(tiny_repo))
     project.run_vdeploy("lock")
     project.run_vdeploy("fetch")
@@ -48,6 +32,7 @@ def test_two_launches_from_one_lock_answer_the_same_and_a_new_seed_differs(proje
         status, models, _ = call(first.url, "/v1/models")
         assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
         answers = complete_three(first.url, lock.deployment)
+        answers_of_fresh_launches[lock.deployment] = answers  # test_up_from_bundle compares with them
     finally:
         code = first.stop()
     assert "The capital of" not in first.output()  # no enable-log-requests: no prompt in the log
