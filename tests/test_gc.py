@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vdeploy.engine import installed_engine
+from needs import needs_engine
 
 CONFIG = b'{"architectures": ["TinyModel"]}\n'
 README = b"# a card hf downloads first\n"
@@ -230,7 +230,7 @@ def test_unbundle_records_its_lock_so_gc_keeps_the_restored_store_until_the_lock
     assert list((restored.store / ".locks" / "vdeploy" / "roots").iterdir()) == []
 
 
-@pytest.mark.skipif(installed_engine() is None, reason="`up --dry-run` checks the installed engine: run scripts/setup")
+@needs_engine  # `up --dry-run` checks the installed engine
 def test_up_records_its_lock_as_a_root(project, two_commits, tmp_path):
     repo, first, _ = two_commits
     use_store(project, repo, first, tmp_path / "store")
