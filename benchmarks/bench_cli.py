@@ -32,8 +32,8 @@ def lock_local_folder(root: Path, env: dict[str, str]) -> None:
     """Lock root/ckpt as a local source, which imports its files into root/store."""
     from vdeploy.engine import installed_engine
 
-    manifest = LOCAL_MANIFEST
-    if installed_engine() is None:
-        manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
+    # `lock` needs the engine named; the installed one, so [serve] is checked as it would be.
+    engine = installed_engine()
+    manifest = LOCAL_MANIFEST + f'\n[runtime]\nengine = "{engine.spec if engine else "vllm==0.32.0"}"\n'
     (root / "vdeploy.toml").write_text(manifest)
     timed_vdeploy(["lock", str(root)], env)
