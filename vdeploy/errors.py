@@ -34,3 +34,7 @@ class EngineError(VdeployError):
 
 class LaunchError(VdeployError):
     """The engine cannot be started, or kept running, from this lock."""
+
+
+class UsageError(VdeployError):
+    """A command-line option has a value no command could use (a port out of range, say)."""

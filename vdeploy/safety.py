@@ -1,9 +1,12 @@
-"""Checks on names that come from outside (a Hub tree, a local folder) before they touch the disk."""
+"""Checks on names that come from outside (a Hub tree, a local folder) before they touch the disk,
+and on values before they reach a process's arguments or environment."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
+
+from vdeploy.constants import MAX_ARGUMENT_BYTES
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -35,3 +38,13 @@ def case_collisions(paths: list[str]) -> list[tuple[str, str]]:
         else:
             seen[folded] = path
     return clashes
+
+
+def argument_problem(text: str) -> str | None:
+    """Why text cannot be one argument or NAME=value of a process, or None if it can."""
+    if "\0" in text:
+        return "contains a NUL byte, which no argument or environment variable can carry"
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_ARGUMENT_BYTES:
+        return f"is {size} bytes, more than Linux passes to a process in one argument or variable (128 KiB)"
+    return None
