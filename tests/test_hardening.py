@@ -169,15 +169,18 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return change
 
 
-# Each edit, what the refusal names. All leave the manifest alone (so the lock is not stale).
+# Each edit, what the refusal names. The manifest is left alone: an edit of [serve] or [runtime]
+# alone is what the issue saw run; one of [inputs] too can only be caught by the manifest's rules.
 TAMPERED_LOCKS = [
-    ("trust-remote-code", _both("serve", "trust-remote-code", True), "trust-remote-code"),
-    ("config-in-serve-only", _set("serve.config", "x.yaml"), "[serve] config"),
+    ("trust-remote-code", _set("serve.trust-remote-code", True), "[serve] trust-remote-code"),
+    ("trust-remote-code-in-inputs-too", _both("serve", "trust-remote-code", True), "[inputs.serve] trust-remote-code"),
+    ("config", _set("serve.config", "x.yaml"), "[serve] config"),
     ("list-smuggles-a-flag", _both("serve", "served-model-name", ["tiny", "--trust-remote-code"]), "flag of its own"),
-    ("second-model", _both("serve", "model", "/elsewhere"), "model"),
-    ("ld-preload-in-runtime-only", _env("LD_PRELOAD", "/tmp/evil.so", inputs=False), "[runtime] env"),
-    ("offline-undone", _env("HF_HUB_OFFLINE", "0"), "HF_HUB_OFFLINE"),
-    ("secret-inline", _env("HF_TOKEN", "hf_stolen"), "HF_TOKEN"),
+    ("second-model", _set("serve.model", "/elsewhere"), "[serve] model"),
+    ("ld-preload", _env("LD_PRELOAD", "/tmp/evil.so", inputs=False), "[runtime] env"),
+    ("offline-undone", _env("HF_HUB_OFFLINE", "0", inputs=False), "[runtime] env"),
+    ("offline-undone-in-inputs-too", _env("HF_HUB_OFFLINE", "0"), "HF_HUB_OFFLINE cannot be set"),
+    ("secret-inline-in-inputs-too", _env("HF_TOKEN", "hf_stolen"), "HF_TOKEN looks like a secret"),
     ("engine-version", _set("engine.version", "0.0.1"), "[engine]"),
     ("store-name", _set("model.store-name", "models--someone--else"), "store-name"),
     ("chat-template-path", _set("chat-template.sha256", "../../../etc/x"), "sha256"),
@@ -206,9 +209,9 @@ def test_a_lock_edited_without_its_hashes_is_refused_by_every_command(locked):
 
 
 def test_a_tampered_lock_is_refused_by_fetch_and_up(locked):
-    rewrite_lock(locked, _both("serve", "served-model-name", ["tiny", "--config", "x.yaml"]))
-    assert "flag of its own" in refused(locked, "fetch")
-    assert "flag of its own" in refused(locked, "up", "--dry-run")
+    rewrite_lock(locked, _set("serve.served-model-name", ["tiny", "--config", "x.yaml"]))
+    assert "[serve] served-model-name" in refused(locked, "fetch")
+    assert "[serve] served-model-name" in refused(locked, "up", "--dry-run")
 
 
 def test_engine_pins_are_checked_against_the_manifests_environment_file(project):
