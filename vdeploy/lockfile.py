@@ -27,7 +27,7 @@ from vdeploy.manifest import (
     check_inputs,
     sha256_hex,
 )
-from vdeploy.safety import argument_problem, case_collisions, path_problem
+from vdeploy.safety import argument_problem, case_collisions, first_path_problem, path_problem
 from vdeploy.trust import AutoMapEntry
 
 LOCK_VERSION = 2
@@ -37,6 +37,8 @@ SOURCES_READABLE_FROM = 1
 
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX40_LINES = re.compile(r"(?:[0-9a-f]{40}\n)*")
+_HEX64_LINES = re.compile(r"(?:[0-9a-f]{64}\n)*")
 _DISTRIBUTION_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
 REWRITE = "run `vdeploy lock` to rewrite it from the manifest"
@@ -394,20 +396,22 @@ def source_problem(source: LockedSource) -> str | None:
     for label, value in (("repo", source.repo), ("revision", source.revision), ("path", source.path)):
         if value is not None and (not isinstance(value, str) or not value or argument_problem(value)):
             return f"{label} {value!r} is not a string"
-    blobs: dict[str, tuple[int, str]] = {}
+    paths = [f.path for f in source.files]
+    unsafe = first_path_problem(paths)
+    if unsafe:
+        return f"file path {unsafe[0]!r} {unsafe[1]}"
+    if not _files_look_right(source.files):
+        for file in source.files:
+            if not isinstance(file.size, int) or isinstance(file.size, bool) or file.size < 0:
+                return f"{file.path}: size {file.size!r} is not a byte count"
+            if not isinstance(file.sha256, str) or not _HEX64.fullmatch(file.sha256):
+                return f"{file.path}: sha256 {file.sha256!r} is not a sha256"
+            if not isinstance(file.blob, str) or not (file.blob == file.sha256 or _HEX40.fullmatch(file.blob)):
+                return f"{file.path}: blob {file.blob!r} is neither its sha256 nor a git blob id"
+    blobs = {}
     for file in source.files:
-        if not isinstance(file.path, str) or path_problem(file.path):
-            return f"file path {file.path!r} {path_problem(str(file.path)) or 'is not a string'}"
-        if not isinstance(file.size, int) or isinstance(file.size, bool) or file.size < 0:
-            return f"{file.path}: size {file.size!r} is not a byte count"
-        if not isinstance(file.sha256, str) or not _HEX64.fullmatch(file.sha256):
-            return f"{file.path}: sha256 {file.sha256!r} is not a sha256"
-        # A blob is named by its content: the sha256 itself, or a small git file's git blob id.
-        if not isinstance(file.blob, str) or not (file.blob == file.sha256 or _HEX40.fullmatch(file.blob)):
-            return f"{file.path}: blob {file.blob!r} is neither its sha256 nor a git blob id"
         if blobs.setdefault(file.blob, (file.size, file.sha256)) != (file.size, file.sha256):
             return f"{file.path}: blob {file.blob} stands for two different contents"
-    paths = [f.path for f in source.files]
     if len(set(paths)) != len(paths):
         twice = next(p for p in sorted(paths) if paths.count(p) > 1)
         return f"lists {twice!r} twice (one snapshot entry cannot be two files)"
@@ -418,6 +422,18 @@ def source_problem(source: LockedSource) -> str | None:
         if not all(isinstance(v, str) and v and not argument_problem(v) for v in (entry.config, entry.key, entry.target)):
             return f"auto-map entry {entry!r} is not three strings"
     return None
+
+
+def _files_look_right(files: tuple[LockedFile, ...]) -> bool:
+    """Sizes are byte counts, hashes hex, and each blob is named by its content (the sha256
+    itself, or a small git file's git blob id): checked over all files in a few passes."""
+    if not all(type(f.size) is int and f.size >= 0 and type(f.sha256) is str and type(f.blob) is str for f in files):
+        return False
+    git_ids = [f.blob for f in files if f.blob != f.sha256]
+    return bool(
+        _HEX64_LINES.fullmatch("".join(f.sha256 + "\n" for f in files))
+        and _HEX40_LINES.fullmatch("".join(blob + "\n" for blob in git_ids))
+    )
 
 
 # ---- everything in a lock agrees with itself -------------------------------------------------
