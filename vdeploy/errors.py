@@ -36,5 +36,17 @@ class LaunchError(VdeployError):
     """The engine cannot be started, or kept running, from this lock."""
 
 
+class ExportError(VdeployError):
+    """The locked deployment cannot be exported as asked (options, image, topology, names)."""
+
+
+class DiffInputError(VdeployError):
+    """A side of `vdeploy diff` (a file, a folder, a git revision, a run record) cannot be read."""
+
+
+class RegistryError(VdeployError):
+    """An OCI registry refused, or could not be reached for, a push or a pull; or a reference is malformed."""
+
+
 class UsageError(VdeployError):
     """A command-line option has a value no command could use (a port out of range, say)."""

@@ -131,10 +131,10 @@ def manifest_from_command(command: str, catalogue: Catalogue, engine: str | None
         notes.append(f"{name} was set on the command line: export it in the shell that runs vdeploy.")
     if env:
         runtime["env"] = env
-    if engine is not None:
-        runtime["engine"] = engine
-    if runtime:
-        manifest["runtime"] = runtime
+    # The engine whose flags read the command (or the one asked for): the lock pins it, and `up`
+    # refuses another.
+    runtime["engine"] = engine or catalogue.engine
+    manifest["runtime"] = runtime
     if trust_remote_code:
         manifest["policy"] = {"trust-remote-code": "pinned"}
     if download_dir is not None:

@@ -113,21 +113,26 @@ def accelerator_info(env: Mapping[str, str]) -> dict[str, Any]:
 
 def wait_healthy(plan: Plan, process: Any, timeout: float) -> bool:
     """Poll /health until it answers 200, the process dies, or the timeout passes."""
+    return poll_health(plan.url, timeout, lambda: process.poll() is None)
+
+
+def poll_health(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll url/health until it answers 200 (True), alive() turns False or the timeout passes."""
     import ssl
     import time
     import urllib.error
     import urllib.request
 
     context = None
-    if plan.url.startswith("https"):
+    if url.startswith("https"):
         # A probe of the server we just started, often with a self-signed certificate.
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
+    while time.monotonic() < deadline and alive():
         try:
-            with urllib.request.urlopen(f"{plan.url}/health", timeout=2, context=context) as answer:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=2, context=context) as answer:
                 if answer.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
