@@ -365,6 +365,27 @@ def test_fetch_removes_links_the_lock_does_not_list_so_verifys_hint_is_true(lock
     assert (elsewhere / "pytorch_model.bin").exists()  # a link is removed, never what it points at
 
 
+def test_a_snapshot_folder_reached_through_a_link_fails_verify_and_fetch_replaces_the_link(locked, tmp_path):
+    locked.run_vdeploy("fetch")
+    folder = snapshot(locked)
+    # A copy of the snapshot's links, elsewhere: "../../blobs/<blob>" read from there is another file
+    # (bytes of the same size), while read as text from the snapshot's path it names the real blob.
+    elsewhere = tmp_path / "x" / "snapshots" / folder.name
+    elsewhere.parent.mkdir(parents=True)
+    os.rename(folder, elsewhere)
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    (tmp_path / "x" / "blobs").mkdir()
+    sizes = {"config.json": len(CONFIG), "model.safetensors": len(WEIGHTS)}
+    for entry in elsewhere.iterdir():
+        (tmp_path / "x" / "blobs" / Path(os.readlink(entry)).name).write_bytes(b"E" * sizes[entry.name])
+    assert (folder / "config.json").read_bytes() == b"E" * len(CONFIG)  # what vLLM would read
+    _, _, err = locked.run_vdeploy("verify", expect=1)
+    assert f"mismatch: model: snapshots/{folder.name} (reached through the link {folder})" in err
+    locked.run_vdeploy("fetch")
+    locked.run_vdeploy("verify")
+    assert not folder.is_symlink() and (folder / "config.json").read_bytes() == CONFIG
+
+
 def test_fetch_names_a_file_it_did_not_put_there_and_keeps_it(locked):
     locked.run_vdeploy("fetch")
     stray = snapshot(locked) / "notes.txt"

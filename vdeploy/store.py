@@ -193,6 +193,12 @@ def verify(lock: Lock, store: Store, full: bool = False) -> VerifyReport:
     for source in lock.sources:
         snapshot = str(store.snapshot_dir(source))
         blobs = str(store.repo_dir(source) / "blobs")
+        link = snapshot_link(store, source)
+        if link is not None:
+            # vLLM would read the files wherever the link points; none of them is checked here.
+            report.checked += len(source.files)
+            report.mismatched.append(f"{source.role}: snapshots/{source.commit} (reached through the link {link})")
+            continue
         for file in source.files:
             report.checked += 1
             try:
@@ -253,6 +259,16 @@ def _label(source: LockedSource, file: LockedFile) -> str:
     return f"{source.role}: {file.path}"
 
 
+def snapshot_link(store: Store, source: LockedSource) -> str | None:
+    """A link at snapshots/ or snapshots/<commit> of a source's folder (its path), or None. Through
+    one, vLLM would read files elsewhere than where their links are checked."""
+    repo = str(store.repo_dir(source))
+    for path in (os.path.join(repo, "snapshots"), os.path.join(repo, "snapshots", source.commit)):
+        if os.path.islink(path):
+            return path
+    return None
+
+
 def locked_by_snapshot(store: Store, sources: list[LockedSource]) -> dict[str, set[str]]:
     """Each snapshot folder the sources pin → the paths locked in it (a model and a tokenizer
     from one commit share one folder)."""
@@ -309,6 +325,13 @@ def fetch(
     jobs = [(source, file) for source in sources for file in source.files]
     locked = locked_by_snapshot(store, sources)
     # First, so that no link to a folder elsewhere is followed when the locked files are linked.
+    for source in sources:
+        link = snapshot_link(store, source)
+        if link is not None and link.endswith(source.commit):
+            os.unlink(link)
+            say(f"  removed {link}, a link where the snapshot folder belongs")
+        elif link is not None:
+            raise StoreError(f"{link}: a link where the snapshots folder belongs; move it aside and run `vdeploy fetch`")
     for snapshot, paths in locked.items():
         report.removed += _remove_extra_links(snapshot, paths, say)
 
