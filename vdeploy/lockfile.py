@@ -31,6 +31,8 @@ from vdeploy.safety import argument_problem, case_collisions, first_path_problem
 from vdeploy.trust import AutoMapEntry
 
 LOCK_VERSION = 2
+# The version of check_lock's rules: a parse cached as checked by other rules is checked again.
+LOCK_CHECKS = 1
 # Format 1 pinned the libraries found where `lock` ran (so two machines gave two locks); its
 # sources are still read, so that `vdeploy lock` keeps their commits when it rewrites the lock.
 SOURCES_READABLE_FROM = 1
@@ -298,9 +300,12 @@ def _parse_lock_text(text: str, where: str) -> dict[str, Any]:
         raise LockError(f"{where}: not a readable lock ({exc}); run `vdeploy lock` to rewrite it") from None
 
 
-def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME, older: bool = False, text: str | None = None) -> Lock:
+def lock_from_data(
+    data: dict[str, Any], where: str = LOCK_NAME, older: bool = False, text: str | None = None, checked: bool = False,
+) -> Lock:
     """The Lock a parsed lockfile describes, checking the format version before anything else,
-    then everything in it (check_lock). `text`, the lock's TOML, only numbers lines in messages.
+    then everything in it (check_lock, unless `checked`: a parse cached after it passed).
+    `text`, the lock's TOML, only numbers lines in messages.
 
     With older=True a lock of an earlier format is read for its sources only (its engine is
     dropped): what `vdeploy lock` needs to keep the commits it pinned.
@@ -342,7 +347,7 @@ def lock_from_data(data: dict[str, Any], where: str = LOCK_NAME, older: bool = F
             code=tuple(_source_from_data("code", entry, where) for entry in data.get("code", [])),
             draft=sources.get("draft"),
         )
-        if version == LOCK_VERSION:
+        if version == LOCK_VERSION and not checked:
             check_lock(lock, Path(where), text)
         return lock
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -595,12 +600,13 @@ def read_lock(path: Path, older: bool = False) -> Lock:
 
     tomllib takes ~60 ms on a 1,000-file lock, most of a fast `verify`'s budget, so the commands
     that write (`lock`, `fetch`) leave a parse keyed by the lock's sha256 in vdeploy's cache, and
-    this reads it when the bytes match.
+    this reads it when the bytes match. Only a lock that passed check_lock is cached (under the
+    version of those checks), so the same bytes are not checked again.
     """
     raw = _read_lock_bytes(path)
     cached = _cached_parse(raw)
     if cached is not None:
-        return lock_from_data(cached, str(path), older)
+        return lock_from_data(cached, str(path), older, checked=True)
     return lock_from_data(_parse_lock_bytes(raw, path), str(path), older)
 
 
@@ -619,7 +625,7 @@ def _parse_lock_bytes(raw: bytes, path: Path) -> dict[str, Any]:
 
 
 def _parse_cache_path(raw: bytes) -> Path:
-    return vdeploy_cache_dir() / "parsed-locks" / f"{sha256_hex(raw)}.json"
+    return vdeploy_cache_dir() / "parsed-locks" / f"{sha256_hex(raw)}-checks{LOCK_CHECKS}.json"
 
 
 def _cached_parse(raw: bytes) -> dict[str, Any] | None:
@@ -631,12 +637,15 @@ def _cached_parse(raw: bytes) -> dict[str, Any] | None:
 
 
 def remember_parse(path: Path) -> None:
-    """Cache the parse of the lock at path (by its sha256) for later reads; only an optimisation."""
+    """Cache the parse of the lock at path (by its sha256) for later reads, if it passes every
+    check (a lock that does not is never cached, so each read refuses it); only an optimisation."""
     try:
         raw = path.read_bytes()
         cache = _parse_cache_path(raw)
         if not cache.is_file():
-            write_atomically(cache, json.dumps(_parse_lock_bytes(raw, path)).encode())
+            data = _parse_lock_bytes(raw, path)
+            lock_from_data(data, str(path))
+            write_atomically(cache, json.dumps(data).encode())
     except (OSError, TypeError, ValueError, LockError):
         pass  # TOML dates, say, are not JSON; then every read parses the TOML
 
