@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from manifests import pin_engine
 
+from vdeploy.errors import LockError
 from vdeploy.lockfile import Lock, dumps_lock, loads_lock
 
 CONFIG = b'{"architectures": ["TinyModel"]}\n'
@@ -462,7 +463,8 @@ def test_lock_caches_its_parse_reading_writes_nothing_and_never_serves_a_stale_o
 
     edited = text.replace(f'commit = "{sha}"', f'commit = "{"0" * 40}"')
     project.lock.write_text(edited)
-    assert read_lock_file(project.lock).model.commit == "0" * 40
+    with pytest.raises(LockError, match="edited by hand"):  # the new bytes are read, and refused
+        read_lock_file(project.lock)
     assert list((cache / "parsed-locks").glob("*.json")) == [cached]  # reading wrote nothing
     cached.write_text("{not json")
     project.lock.write_text(text)

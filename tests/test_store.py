@@ -314,9 +314,10 @@ def test_verify_lists_missing_extra_and_mismatching_files(project, model_repo):
         assert "mismatch: model: model.safetensors" in err
         assert "5 problem(s)" in err and "Traceback" not in err
 
-    # fetch repairs all but the extra file: in a shared HF cache it may be another tool's, so it is
-    # reported, never deleted.
-    project.run_vdeploy("fetch")
+    # fetch repairs all but the extra file, a plain file it did not put there: it may be another
+    # tool's, so fetch names it and fails, and never deletes it (extra links it removes).
+    code, out, err = project.run_vdeploy("fetch", expect=1)
+    assert f"{snapshot / 'sub' / 'stray.bin'}: not in the lock" in err.splitlines()[-1]
     code, out, err = project.run_vdeploy("verify", "--full", expect=1)
     assert "extra: model: sub/stray.bin" in err and "1 problem(s)" in err
     assert os.readlink(snapshot / "model.safetensors") == f"../../blobs/{lock.model.file('model.safetensors').blob}"
@@ -343,14 +344,13 @@ def test_fast_verify_trusts_only_unchanged_fingerprints_full_verify_trusts_nothi
     _corrupt_keeping_size(weights, restore_mtime=True)
     _corrupt_keeping_size(tokenizer, restore_mtime=False)
 
-    # The tokenizer's mtime moved, so fast verify re-hashes it. The weights kept size, mtime and
-    # inode: fast verify trusts its fingerprint and does not read them (that is what makes it fast).
-    code, out, err = project.run_vdeploy("verify", expect=1)
-    assert "mismatch: model: tokenizer.json" in err and "model.safetensors" not in err
-    code, out, err = project.run_vdeploy("verify", "--full", "--json", expect=1)
-    report = json.loads(out)
-    assert report["mismatched"] == ["model: model.safetensors", "model: tokenizer.json"]
-    assert report["ok"] is False and report["checked"] == 4 and report["missing"] == report["extra"] == []
+    # The tokenizer's mtime moved; the weights kept size, mtime and inode, but a write moves the
+    # ctime, which no one can set back: fast verify re-hashes both, as --full does.
+    for mode in ([], ["--full"]):
+        code, out, err = project.run_vdeploy("verify", *mode, "--json", expect=1)
+        report = json.loads(out)
+        assert report["mismatched"] == ["model: model.safetensors", "model: tokenizer.json"]
+        assert report["ok"] is False and report["checked"] == 4 and report["missing"] == report["extra"] == []
 
     # What --full found is no longer trusted: fetch replaces both.
     fake_hub.clear_requests()

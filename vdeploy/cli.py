@@ -99,6 +99,7 @@ def verify(
         for problem in report.problems():
             say(problem)
         mode = "full" if full else "fast"
+        # fetch downloads what is missing or wrong and removes links the lock does not list.
         verdict = "ok" if report.ok else f"{len(report.problems())} problem(s); run `vdeploy fetch`"
         say(f"verify ({mode}): {report.checked} files: {verdict}")
     if not report.ok:
@@ -180,7 +181,7 @@ def engine_freeze(
     file: Annotated[Optional[Path], typer.Argument(help="Where to write the constraints file (default: print it).")] = None,
 ) -> None:
     """Write the installed engine's environment (vLLM and what it pulls in) as exact pins."""
-    from vdeploy.atomic import write_atomically
+    from vdeploy.atomic import default_mode, write_atomically
     from vdeploy.engine import freeze_text, installed_engine
     from vdeploy.errors import EngineError
 
@@ -191,7 +192,7 @@ def engine_freeze(
     if file is None:
         typer.echo(text, nl=False)
         return
-    write_atomically(file, text.encode())
+    write_atomically(file, text.encode(), mode=default_mode())
     pins = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
     say(f"wrote {file} ({pins} pins of {engine.spec}); name it as [runtime] engine-environment = \"{file}\"")
 
@@ -226,38 +227,15 @@ def init(
         Optional[str], typer.Option("--from-command", help="An existing `vllm serve ...` command line to translate.")
     ] = None,
     repo: Annotated[Optional[str], typer.Option("--repo", help="The model's Hub repo id, for a new manifest.")] = None,
+    engine: Annotated[
+        Optional[str], typer.Option("--engine", help="[runtime] engine to write (default: the installed vLLM).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing vdeploy.toml.")] = False,
 ) -> None:
     """Write a vdeploy.toml: from an existing `vllm serve` command, or a starter for --repo."""
-    from vdeploy.constants import MANIFEST_NAME
-    from vdeploy.errors import ManifestError
-    from vdeploy.manifest import REPO_ID_RE
+    from vdeploy.init import init_manifest
 
-    target = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix else folder
-    if target.exists() and not force:
-        raise ManifestError(f"{target}: already exists; pass --force to overwrite it")
-    if from_command is not None:
-        from vdeploy.init import manifest_from_command
-        from vdeploy.probe import installed_catalogue
-
-        text = manifest_from_command(from_command, installed_catalogue())
-    elif repo is not None and REPO_ID_RE.fullmatch(repo):
-        from vdeploy.engine import installed_engine
-
-        running = installed_engine()
-        if running is None:
-            raise ManifestError(
-                "init --repo names the engine the lock pins, and no vLLM is installed here; "
-                "install the engine, or write vdeploy.toml by hand with [runtime] engine = \"vllm==<version>\""
-            )
-        text = (
-            f'[model]\nrepo = "{repo}"\nrevision = "main"\n\n[serve]\n\n'
-            f'[runtime]\nseed = 0\nengine = "{running.spec}"\n'
-        )
-    else:
-        raise ManifestError("init needs --from-command \"vllm serve ...\" or --repo org/name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
+    target = init_manifest(folder, from_command, repo, engine, force)
     say(f"wrote {target}; next: `vdeploy lock {target.parent}`")
 
 
@@ -439,13 +417,15 @@ def diff(
 
 def main() -> None:
     """Entry point: a VdeployError becomes one red line and exit code 1."""
+    from vdeploy.errors import UsageError
+
     try:
         app()
     except VdeployError as exc:
         if os.environ.get("VDEPLOY_DEBUG"):
             raise
         typer.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, UsageError) else 1)
     except OSError as exc:
         # The file system said no (permissions, a full disk): the user's to fix, not a crash.
         if os.environ.get("VDEPLOY_DEBUG"):

@@ -17,7 +17,25 @@ API_KEY_VARIABLE = "VLLM_API_KEY"
 
 # Names that hold secrets: never printed, written to a lock or kept in a record.
 SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# The same words where no letter follows (HF_TOKEN, APIKEY, DB_PASSWORD2, AWS_SECRET_ACCESS_KEY):
+# what [runtime] env refuses to hold inline. TOKENIZERS_PARALLELISM, a setting, may be written.
+SECRET_WORD_RE = re.compile(rf"(?:{SECRET_NAME_RE.pattern})S?(?![A-Z])", re.IGNORECASE)
 REDACTED = "<redacted>"
+
+# The variables vdeploy sets for the engine itself, and what sets them; [runtime] env may not.
+OWNED_VARIABLES = {
+    "HF_HUB_OFFLINE": "vdeploy always runs the engine offline, from the store",
+    "TRANSFORMERS_OFFLINE": "vdeploy always runs the engine offline, from the store",
+    "HF_HUB_CACHE": "[store] download-dir",
+    "HUGGINGFACE_HUB_CACHE": "[store] download-dir (huggingface_hub still reads this old name)",
+    "TRANSFORMERS_CACHE": "[store] download-dir (transformers still reads this old name)",
+    "HF_HOME": "[store] download-dir (and HF_TOKEN in the shell that runs lock and fetch)",
+    API_KEY_VARIABLE: '[serve] api-key = { env = "NAME" } or { file = "path" }',
+}
+
+# Linux refuses to start a process with any one argument or NAME=value longer than this
+# (MAX_ARG_STRLEN, 32 pages); such a value would fail at launch instead of at load.
+MAX_ARGUMENT_BYTES = 128 * 1024 - 1
 
 
 def default_hf_cache() -> Path:
@@ -38,4 +56,10 @@ def vdeploy_cache_dir() -> Path:
 
 
 def is_secret_name(name: str) -> bool:
+    """Whether a variable name may hold a secret (for redaction: errs on the side of hiding)."""
     return SECRET_NAME_RE.search(name) is not None
+
+
+def names_a_secret(name: str) -> bool:
+    """Whether a variable name says it holds a secret (HF_TOKEN, OPENAI_API_KEY, DB_PASSWORD...)."""
+    return SECRET_WORD_RE.search(name) is not None

@@ -51,3 +51,7 @@ class RegistryError(VdeployError):
 class BundleError(VdeployError):
     """A bundle cannot be written or restored: a missing volume or blob, bytes that do not match
     their digest, a member that is not a plain file, or a bundle that disagrees with its lock."""
+
+
+class UsageError(VdeployError):
+    """A command-line option has a value no command could use (a port out of range, say)."""

@@ -1,7 +1,8 @@
 """The engine side of the flag catalogue: run inside the engine's Python, it asks vLLM's own `serve`
 parser what it accepts, and answers with one JSON document on stdout.
 
-    python -m vdeploy.flagprobe catalogue        every serve flag: names, kind, type, choices, default
+    python -m vdeploy.flagprobe catalogue        every serve flag: names, kind, type, choices, default,
+                                                 and the bounds vLLM's config puts on its number
     python -m vdeploy.flagprobe parse ARGV...    ARGV parsed (not launched): {"namespace": {...}}
                                                  or {"error": "the parser's one-line message"}
     python -m vdeploy.flagprobe parse-many JSON  each argv of a JSON list parsed: {"answers": [...]}
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     parser = build_serve_parser()
     if args[0] == "catalogue":
-        answer = {"engine": engine_providing_vllm(), "flags": [describe(a) for a in flag_actions(parser)]}
+        bounds = config_bounds(parser)
+        answer = {
+            "engine": engine_providing_vllm(),
+            "flags": [{**describe(a), "bounds": bounds.get(a.dest)} for a in flag_actions(parser)],
+        }
     elif args[0] == "parse-many":
         answer = {"answers": [parse(parser, list(argv)) for argv in json.loads(args[1])]}
     else:
@@ -110,6 +115,51 @@ def describe(action: argparse.Action) -> dict[str, Any]:
         "default": None if action.default is argparse.SUPPRESS else plain(action.default),
         "nargs": action.nargs,
     }
+
+
+def config_bounds(parser: argparse.ArgumentParser) -> dict[str, dict[str, float]]:
+    """dest → {"ge": 1, "le": 65535}: the bounds vLLM's config classes (pydantic fields) put on
+    the setting each flag fills. A flag's argument group is titled by its config class; a field
+    found elsewhere is used only where every class that has it agrees. Best effort: {} on any surprise."""
+    try:
+        classes = {}
+        for name, module in list(sys.modules.items()):
+            if module is not None and (name == "vllm.config" or name.startswith("vllm.config.")):
+                for value in vars(module).values():
+                    if inspect.isclass(value) and isinstance(getattr(value, "__pydantic_fields__", None), dict):
+                        classes[value.__name__] = value
+        found: dict[str, list[dict[str, float]]] = {}
+        for cls in classes.values():
+            for field_name, info in cls.__pydantic_fields__.items():
+                bounds = field_bounds(info)
+                if bounds:
+                    found.setdefault(field_name, []).append(bounds)
+        answer = {}
+        for group in parser._action_groups:
+            home = classes.get(group.title or "")
+            for action in group._group_actions:
+                info = getattr(home, "__pydantic_fields__", {}).get(action.dest)
+                if info is not None:
+                    bounds = field_bounds(info)
+                else:
+                    everywhere = found.get(action.dest, [])
+                    bounds = everywhere[0] if everywhere and all(b == everywhere[0] for b in everywhere) else {}
+                if bounds:
+                    answer[action.dest] = bounds
+        return answer
+    except Exception:  # noqa: BLE001 - an engine whose config looks otherwise: no bounds, not no catalogue
+        return {}
+
+
+def field_bounds(info: Any) -> dict[str, float]:
+    """The ge/gt/le/lt numbers of a pydantic FieldInfo (annotated_types metadata)."""
+    bounds = {}
+    for item in getattr(info, "metadata", ()):
+        for word in ("ge", "gt", "le", "lt"):
+            value = getattr(item, word, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                bounds[word] = value
+    return bounds
 
 
 def kind_of(action: argparse.Action, type_name: str) -> str:

@@ -10,23 +10,78 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 import tomli_w
 
-from vdeploy.errors import ManifestError
-from vdeploy.flags import Catalogue, FlagSpec
-from vdeploy.manifest import REPO_ID_RE
+from vdeploy.constants import API_KEY_VARIABLE, MANIFEST_NAME, OWNED_VARIABLES, names_a_secret
+from vdeploy.errors import ManifestError, VdeployError
+from vdeploy.flags import Catalogue, FlagSpec, check_serve
+from vdeploy.manifest import REPO_ID_RE, Checker, parse_manifest
+from vdeploy.selection import loads_pickles
 
-# Variables written before the command that hold secrets: never copied into the manifest.
-SECRET_ENV_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 ENV_ASSIGNMENT_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
-API_KEY_VARIABLE = "VLLM_API_KEY"
 
 
-def manifest_from_command(command: str, catalogue: Catalogue) -> str:
-    """The manifest text for a `vllm serve MODEL ...` or `python -m vllm.entrypoints...` command."""
+def init_manifest(
+    folder: Path, from_command: str | None, repo: str | None, engine: str | None, force: bool,
+) -> Path:
+    """Write FOLDER/vdeploy.toml from a command line or as a starter for a repo, after checking it
+    the way `lock` checks a manifest before it asks the Hub; the path written."""
+    if folder.exists() and not folder.is_dir():
+        raise ManifestError(f"{folder}: not a folder; give the folder to write {MANIFEST_NAME} in")
+    target = folder / MANIFEST_NAME
+    if target.exists() and not force:
+        raise ManifestError(f"{target}: already exists; pass --force to overwrite it")
+    catalogue = None
+    if from_command is not None:
+        from vdeploy.probe import installed_catalogue
+
+        catalogue = installed_catalogue()
+        text = manifest_from_command(from_command, catalogue, engine or catalogue.engine)
+    elif repo is not None and REPO_ID_RE.fullmatch(repo):
+        engine = engine or _installed_engine_spec()
+        text = f'[model]\nrepo = "{repo}"\nrevision = "main"\n\n[serve]\n\n[runtime]\nseed = 0\nengine = "{engine}"\n'
+    else:
+        raise ManifestError("init needs --from-command \"vllm serve ...\" or --repo org/name")
+    try:
+        check_manifest_text(text, target, catalogue)
+    except VdeployError as exc:
+        raise ManifestError(f"nothing written: the manifest would not lock: {exc}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _installed_engine_spec() -> str:
+    from vdeploy.engine import installed_engine
+
+    installed = installed_engine()
+    if installed is None:
+        raise ManifestError("no vLLM is installed here to name as [runtime] engine; pass --engine vllm==<version>")
+    return installed.spec
+
+
+def check_manifest_text(text: str, path: Path, catalogue: Catalogue | None) -> None:
+    """What `lock` checks of a manifest before it asks the Hub: its tables, [serve] against the
+    engine's flags, the policy on pickle loading, and that local folders are folders."""
+    import tomllib
+
+    manifest = parse_manifest(tomllib.loads(text), path, text)
+    check = Checker(path, text)
+    serve, _ = check_serve(manifest.serve, catalogue, check)
+    if loads_pickles(serve) and not manifest.policy.allow_pickle:
+        check.fail("serve", "load-format", '"pt" loads pickle weights', "set [policy] allow-pickle = true if you trust them")
+    for source in manifest.sources:
+        if source.is_local and not source.path.is_dir():  # type: ignore[union-attr]
+            table, key = ("serve", "speculative-config") if source.role == "draft" else (source.role, "path")
+            check.fail(table, key, f"{source.path} is not a folder", f"write the path relative to {path.parent}")
+
+
+def manifest_from_command(command: str, catalogue: Catalogue, engine: str | None = None) -> str:
+    """The manifest text for a `vllm serve MODEL ...` or `python -m vllm.entrypoints...` command;
+    `engine` ("vllm==0.32.0") is written as [runtime] engine."""
     try:
         words = shlex.split(command)
     except ValueError as exc:
@@ -58,7 +113,8 @@ def manifest_from_command(command: str, catalogue: Catalogue) -> str:
     seed = values.pop("seed", None)
     download_dir = values.pop("download-dir", None)
     trust_remote_code = values.pop("trust-remote-code", False)
-    if values.pop("api-key", None) is not None:
+    if values.pop("api-key", None) is not None or API_KEY_VARIABLE in env:
+        env.pop(API_KEY_VARIABLE, None)
         values["api-key"] = {"env": API_KEY_VARIABLE}
         notes.append(f"The API key is read from ${API_KEY_VARIABLE}: export it before `vdeploy up`.")
 
@@ -67,13 +123,17 @@ def manifest_from_command(command: str, catalogue: Catalogue) -> str:
     runtime: dict[str, Any] = {}
     if seed is not None:
         runtime["seed"] = seed
-    for name in [n for n in env if SECRET_ENV_RE.search(n)]:
+    for name in [n for n in env if n in OWNED_VARIABLES]:
+        del env[name]
+        notes.append(f"{name} dropped: {OWNED_VARIABLES[name]}.")
+    for name in [n for n in env if names_a_secret(n)]:
         del env[name]
         notes.append(f"{name} was set on the command line: export it in the shell that runs vdeploy.")
     if env:
         runtime["env"] = env
-    # The engine whose flags read the command: the lock pins it (and `up` refuses another).
-    runtime["engine"] = catalogue.engine
+    # The engine whose flags read the command (or the one asked for): the lock pins it, and `up`
+    # refuses another.
+    runtime["engine"] = engine or catalogue.engine
     manifest["runtime"] = runtime
     if trust_remote_code:
         manifest["policy"] = {"trust-remote-code": "pinned"}

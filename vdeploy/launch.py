@@ -22,20 +22,30 @@ HEALTH_POLL_SECONDS = 0.5
 
 
 def resolve_secrets(plan: Plan, caller_env: Mapping[str, str], folder: Path) -> dict[str, str]:
-    """The secret values the engine gets in its environment, read from where [serve] names them."""
+    """The secret values the engine gets in its environment, read from where the manifest names
+    them: [serve] api-key (into VLLM_API_KEY) and [runtime] env references (into their NAME)."""
+    from vdeploy.constants import API_KEY_VARIABLE
+    from vdeploy.safety import argument_problem
+
     values = {}
     for name, origin in plan.secrets.items():
+        label = "[serve] api-key" if name == API_KEY_VARIABLE else f"[runtime] env {name}"
         kind, where = origin.split(":", 1)
         if kind == "env":
             if not caller_env.get(where):
-                raise LaunchError(f"[serve] api-key: environment variable {where} is not set; export it before `vdeploy up`")
+                raise LaunchError(f"{label}: environment variable {where} is not set; export it before `vdeploy up`")
             values[name] = caller_env[where]
         else:
             path = folder / Path(where).expanduser()
             try:
                 values[name] = path.read_text().strip()
-            except OSError as exc:
-                raise LaunchError(f"[serve] api-key: cannot read {path} ({exc.strerror}); fix the file or the path") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                why = getattr(exc, "strerror", None) or "not UTF-8 text"
+                raise LaunchError(f"{label}: cannot read {path} ({why}); fix the file or the path") from None
+        # Only what is wrong, never the value: it is a secret.
+        problem = argument_problem(f"{name}={values[name]}")
+        if problem:
+            raise LaunchError(f"{label}: the value read from {kind} {where} {problem}")
     return values
 
 

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from vdeploy.constants import LOCK_NAME, MANIFEST_NAME, default_hf_cache
-from vdeploy.errors import ManifestError
+from vdeploy.constants import LOCK_NAME, MANIFEST_NAME, OWNED_VARIABLES, default_hf_cache, names_a_secret
+from vdeploy.errors import ManifestError, VdeployError
+from vdeploy.safety import argument_problem
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+VARIABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 IMAGE_DIGEST_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]*@sha256:[0-9a-f]{64}")
 # One exact pin of a constraints file: name (extras allowed, ignored) == version.
 PIN_RE = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[A-Za-z0-9._,-]*\])?==(?P<version>[A-Za-z0-9][A-Za-z0-9.+!_-]*)")
@@ -136,7 +139,7 @@ class Manifest:
     chat_template: ChatTemplateSpec | None = None
     serve: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)  # NAME → value, or { env = "X" } / { file = "p" }
     engine: str | None = None
     engine_environment: EngineEnvironmentSpec | None = None
     engine_image: str | None = None  # "repo@sha256:<64 hex>"
@@ -164,31 +167,43 @@ class Manifest:
 
     def inputs(self) -> dict[str, Any]:
         """Everything the lock is a function of, in the manifest's own terms (for staleness)."""
-        inputs: dict[str, Any] = {"model": self.model.requested()}
-        if self.tokenizer is not None:
-            inputs["tokenizer"] = self.tokenizer.requested()
-        if self.draft is not None:
-            inputs["draft"] = self.draft.requested()
-        if self.chat_template is not None:
-            inputs["chat-template"] = {"sha256": self.chat_template.sha256}
-        inputs["serve"] = dict(sorted(self.serve.items()))
-        inputs["runtime"] = {"seed": self.seed, "env": dict(sorted(self.env.items()))}
-        if self.engine is not None:
-            inputs["runtime"]["engine"] = self.engine
+        environment = None
         if self.engine_environment is not None:
-            inputs["runtime"]["engine-environment"] = {
-                "file": self.engine_environment.file_as_written, "sha256": self.engine_environment.sha256,
-            }
-        if self.engine_image is not None:
-            inputs["runtime"]["engine-image"] = self.engine_image
-        inputs["policy"] = {
-            "trust-remote-code": self.policy.trust_remote_code,
-            "allow-pickle": self.policy.allow_pickle,
-        }
-        return inputs
+            environment = {"file": self.engine_environment.file_as_written, "sha256": self.engine_environment.sha256}
+        return inputs_record(
+            self.sources, self.chat_template.sha256 if self.chat_template else None, self.serve,
+            self.seed, self.env, self.engine, environment, self.engine_image, self.policy,
+        )
 
     def inputs_hash(self) -> str:
         return sha256_hex(canonical_json(self.inputs()))
+
+
+def inputs_record(
+    sources: list[SourceSpec],
+    template_sha256: str | None,
+    serve: dict[str, Any],
+    seed: int,
+    env: dict[str, Any],
+    engine: str | None,
+    engine_environment: dict[str, str] | None,
+    engine_image: str | None,
+    policy: Policy,
+) -> dict[str, Any]:
+    """The lock's [inputs]: a manifest's words, in the one form `lock` records and staleness compares."""
+    inputs: dict[str, Any] = {source.role: source.requested() for source in sources}
+    if template_sha256 is not None:
+        inputs["chat-template"] = {"sha256": template_sha256}
+    inputs["serve"] = dict(sorted(serve.items()))
+    inputs["runtime"] = {"seed": seed, "env": dict(sorted(env.items()))}
+    if engine is not None:
+        inputs["runtime"]["engine"] = engine
+    if engine_environment is not None:
+        inputs["runtime"]["engine-environment"] = engine_environment
+    if engine_image is not None:
+        inputs["runtime"]["engine-image"] = engine_image
+    inputs["policy"] = {"trust-remote-code": policy.trust_remote_code, "allow-pickle": policy.allow_pickle}
+    return inputs
 
 
 def canonical_json(value: Any) -> bytes:
@@ -223,59 +238,18 @@ def load_manifest(arg: str | os.PathLike[str] | None = None) -> Manifest:
 
 def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest:
     """Check the parsed TOML strictly and build the Manifest. Pure, apart from reading the chat template."""
-    check = _Checker(path, text)
-    for table, value in data.items():
-        if table not in TABLE_KEYS:
-            check.fail(table, None, f"unknown table [{table}]", check.suggest(table, TABLE_KEYS))
-        if not isinstance(value, dict):
-            check.fail(table, None, f"'{table}' must be a table: [{table}]")
-        allowed = TABLE_KEYS[table]
-        if allowed is not None:
-            for key in value:
-                if key not in allowed:
-                    check.fail(table, key, "unknown key", check.suggest(key, allowed))
-
+    check = Checker(path, text)
+    _check_table_keys(check, data, TABLE_KEYS)
     if "model" not in data:
         check.fail(None, None, "missing [model] table", "add [model] with repo = \"org/name\" or path = \"./folder\"")
     model = _parse_source(check, "model", data["model"])
     tokenizer = _parse_source(check, "tokenizer", data["tokenizer"]) if "tokenizer" in data else None
     chat_template = _parse_chat_template(check, data.get("chat-template"))
     serve = _parse_serve(check, data.get("serve", {}))
-
     runtime = data.get("runtime", {})
-    seed = runtime.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        check.fail("runtime", "seed", f"must be a non-negative integer, not {seed!r}")
-    env = runtime.get("env", {})
-    if not isinstance(env, dict):
-        check.fail("runtime", "env", "must be a table of NAME = \"value\"")
-    for name, value in env.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            check.fail("runtime", "env", f"'{name}' is not an environment variable name")
-        if not isinstance(value, str):
-            check.fail("runtime", "env", f"{name} must be a string, not {value!r}", f'write {name} = "{value}"')
-    engine = runtime.get("engine")
-    if engine is not None and (
-        not isinstance(engine, str) or not re.fullmatch(r"[A-Za-z0-9._-]+==[0-9][A-Za-z0-9.+!-]*", engine)
-    ):
-        check.fail("runtime", "engine", f"must name an exact version like \"vllm==0.32.0\", not {engine!r}")
-
+    seed, env, engine, engine_image = _parse_runtime(check, runtime)
     engine_environment = _parse_engine_environment(check, runtime.get("engine-environment"))
-    engine_image = runtime.get("engine-image")
-    if engine_image is not None and (not isinstance(engine_image, str) or not IMAGE_DIGEST_RE.fullmatch(engine_image)):
-        check.fail(
-            "runtime", "engine-image", f"{engine_image!r} is not pinned by digest",
-            'write it as "registry/repo@sha256:<64 hex>" (a tag can move; a digest cannot)',
-        )
-
-    policy_table = data.get("policy", {})
-    trust = policy_table.get("trust-remote-code", False)
-    # `is`, not `in`: 0 == False, and 0 is not a boolean.
-    if trust is not False and trust != "pinned":
-        check.fail("policy", "trust-remote-code", f"must be false or \"pinned\", not {trust!r}")
-    allow_pickle = policy_table.get("allow-pickle", False)
-    if not isinstance(allow_pickle, bool):
-        check.fail("policy", "allow-pickle", f"must be true or false, not {allow_pickle!r}")
+    policy = _parse_policy(check, data.get("policy", {}))
 
     download_dir = data.get("store", {}).get("download-dir")
     if download_dir is not None and (not isinstance(download_dir, str) or not download_dir):
@@ -292,13 +266,133 @@ def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest
         engine=engine,
         engine_environment=engine_environment,
         engine_image=engine_image,
-        policy=Policy(trust_remote_code=trust, allow_pickle=allow_pickle),
+        policy=policy,
         download_dir=download_dir,
         draft=_parse_draft(check, serve),
     )
 
 
-def _parse_engine_environment(check: _Checker, file: Any) -> EngineEnvironmentSpec | None:
+# A lock's [inputs]: the manifest's tables in the words `lock` records them (manifest.inputs()).
+INPUT_TABLES: dict[str, tuple[str, ...] | None] = {
+    "model": SOURCE_KEYS,
+    "tokenizer": SOURCE_KEYS,
+    "draft": SOURCE_KEYS,
+    "chat-template": ("sha256",),
+    "serve": None,
+    "runtime": ("seed", "env", "engine", "engine-environment", "engine-image"),
+    "policy": ("trust-remote-code", "allow-pickle"),
+}
+
+
+def check_inputs(inputs: Any, check: Checker) -> dict[str, Any]:
+    """A lock's [inputs], checked table by table by the rules the manifest's tables go through.
+
+    Returns them as a manifest with these words would record them; anything else in them (a key
+    added, dropped or retyped by hand) is refused. Reads no file.
+    """
+    if not isinstance(inputs, dict):
+        check.fail(None, None, "must be a table")
+    _check_table_keys(check, inputs, INPUT_TABLES)
+    if "model" not in inputs:
+        check.fail(None, None, "has no model")
+    sources = [_parse_source(check, role, inputs[role]) for role in ("model", "tokenizer") if role in inputs]
+    serve = _parse_serve(check, inputs.get("serve", {}))
+    draft = _parse_draft(check, serve)
+    if draft is not None:
+        sources.append(draft)
+    template_sha256 = None
+    if "chat-template" in inputs:
+        template_sha256 = inputs["chat-template"].get("sha256")
+        if not isinstance(template_sha256, str) or not SHA256_RE.fullmatch(template_sha256):
+            check.fail("chat-template", "sha256", f"{template_sha256!r} is not a sha256")
+    runtime = inputs.get("runtime", {})
+    seed, env, engine, engine_image = _parse_runtime(check, runtime)
+    environment = runtime.get("engine-environment")
+    if environment is not None and not (
+        isinstance(environment, dict) and set(environment) == {"file", "sha256"}
+        and isinstance(environment["file"], str) and environment["file"] and not argument_problem(environment["file"])
+        and isinstance(environment["sha256"], str) and SHA256_RE.fullmatch(environment["sha256"])
+    ):
+        check.fail("runtime", "engine-environment", 'must be { file = "...", sha256 = "<64 hex>" }')
+    policy = _parse_policy(check, inputs.get("policy", {}))
+    recorded = inputs_record(sources, template_sha256, serve, seed, env, engine, environment, engine_image, policy)
+    if canonical_json(recorded) != canonical_json(inputs):
+        check.fail(None, None, "is not what `vdeploy lock` records for these words: it was edited by hand")
+    return recorded
+
+
+def _check_table_keys(check: Checker, data: dict[str, Any], tables: dict[str, tuple[str, ...] | None]) -> None:
+    """Every table is known and a table, and holds only its known keys."""
+    for table, value in data.items():
+        if table not in tables:
+            check.fail(table, None, f"unknown table [{check.prefix}{table}]", check.suggest(table, tables))
+        if not isinstance(value, dict):
+            check.fail(table, None, f"'{table}' must be a table: [{check.prefix}{table}]")
+        allowed = tables[table]
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    check.fail(table, key, "unknown key", check.suggest(key, allowed))
+
+
+def _parse_runtime(check: Checker, runtime: dict[str, Any]) -> tuple[int, dict[str, Any], str | None, str | None]:
+    """[runtime] seed, env, engine and engine-image (engine-environment names a file: read apart)."""
+    seed = runtime.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        check.fail("runtime", "seed", f"must be a non-negative integer, not {seed!r}")
+    env = _parse_env(check, runtime.get("env", {}))
+    engine = runtime.get("engine")
+    if engine is not None and (
+        not isinstance(engine, str) or not re.fullmatch(r"[A-Za-z0-9._-]+==[0-9][A-Za-z0-9.+!-]*", engine)
+    ):
+        check.fail("runtime", "engine", f"must name an exact version like \"vllm==0.32.0\", not {engine!r}")
+    engine_image = runtime.get("engine-image")
+    if engine_image is not None and (not isinstance(engine_image, str) or not IMAGE_DIGEST_RE.fullmatch(engine_image)):
+        check.fail(
+            "runtime", "engine-image", f"{engine_image!r} is not pinned by digest",
+            'write it as "registry/repo@sha256:<64 hex>" (a tag can move; a digest cannot)',
+        )
+    return seed, env, engine, engine_image
+
+
+def _parse_env(check: Checker, env: Any) -> dict[str, Any]:
+    """[runtime] env: variables for the engine. Values are strings, or references to where a
+    secret is kept ({ env = "NAME" } / { file = "path" }), read at `up` and never written."""
+    if not isinstance(env, dict):
+        check.fail("runtime", "env", "must be a table of NAME = \"value\"")
+    for name, value in env.items():
+        if not VARIABLE_NAME_RE.fullmatch(name):
+            check.fail("runtime", "env", f"'{name}' is not an environment variable name")
+        if name in OWNED_VARIABLES:
+            check.fail("runtime", "env", f"{name} cannot be set here: {OWNED_VARIABLES[name]}", "remove it from env")
+        if isinstance(value, dict):
+            _parse_reference(check, "runtime", "env", value, f"{name}: ")
+            continue
+        if not isinstance(value, str):
+            check.fail("runtime", "env", f"{name} must be a string, not {value!r}", f'write {name} = "{value}"')
+        if names_a_secret(name):
+            check.fail(
+                "runtime", "env", f"{name} looks like a secret, and a value written here ends up in the lock and in `plan`",
+                f'write {name} = {{ env = "{name}" }} (or {{ file = "path" }}) and keep the value there',
+            )
+        problem = argument_problem(f"{name}={value}")
+        if problem:
+            check.fail("runtime", "env", f"{name}: the variable {problem}")
+    return dict(env)
+
+
+def _parse_policy(check: Checker, table: dict[str, Any]) -> Policy:
+    trust = table.get("trust-remote-code", False)
+    # `is`, not `in`: 0 == False, and 0 is not a boolean.
+    if trust is not False and trust != "pinned":
+        check.fail("policy", "trust-remote-code", f"must be false or \"pinned\", not {trust!r}")
+    allow_pickle = table.get("allow-pickle", False)
+    if not isinstance(allow_pickle, bool):
+        check.fail("policy", "allow-pickle", f"must be true or false, not {allow_pickle!r}")
+    return Policy(trust_remote_code=trust, allow_pickle=allow_pickle)
+
+
+def _parse_engine_environment(check: Checker, file: Any) -> EngineEnvironmentSpec | None:
     if file is None:
         return None
     if not isinstance(file, str) or not file:
@@ -354,7 +448,7 @@ def parse_pins(data: bytes) -> tuple[tuple[tuple[str, str], ...], tuple[int, str
     return tuple(sorted(pins.items())), None
 
 
-def _parse_source(check: _Checker, role: str, table: dict[str, Any]) -> SourceSpec:
+def _parse_source(check: Checker, role: str, table: dict[str, Any]) -> SourceSpec:
     repo, local, revision, include = (table.get(k) for k in SOURCE_KEYS)
     if repo is not None and local is not None:
         check.fail(role, "path", "both repo and path are set", "keep one: repo for the Hub, path for a local folder")
@@ -385,7 +479,7 @@ def _parse_source(check: _Checker, role: str, table: dict[str, Any]) -> SourceSp
     )
 
 
-def _parse_draft(check: _Checker, serve: dict[str, Any]) -> SourceSpec | None:
+def _parse_draft(check: Checker, serve: dict[str, Any]) -> SourceSpec | None:
     """A draft model in speculative-config is a source like the model: locked, stored, verified."""
     config = serve.get("speculative-config")
     if not isinstance(config, dict) or "model" not in config:
@@ -406,7 +500,7 @@ def _parse_draft(check: _Checker, serve: dict[str, Any]) -> SourceSpec | None:
     return SourceSpec(role="draft", repo=name, revision=revision)
 
 
-def check_revision(check: _Checker, role: str, revision: str) -> None:
+def check_revision(check: Checker, role: str, revision: str) -> None:
     if COMMIT_RE.fullmatch(revision):
         return
     if re.fullmatch(r"[0-9a-fA-F]{40}", revision):
@@ -417,7 +511,7 @@ def check_revision(check: _Checker, role: str, revision: str) -> None:
         check.fail(role, "revision", f"{revision!r} is not a branch, tag or 40-hex commit")
 
 
-def _parse_chat_template(check: _Checker, table: dict[str, Any] | None) -> ChatTemplateSpec | None:
+def _parse_chat_template(check: Checker, table: dict[str, Any] | None) -> ChatTemplateSpec | None:
     if table is None:
         return None
     file, text = table.get("file"), table.get("text")
@@ -440,7 +534,7 @@ def _parse_chat_template(check: _Checker, table: dict[str, Any] | None) -> ChatT
 SECRET_FLAGS = frozenset({"api-key"})
 
 
-def _parse_serve(check: _Checker, table: dict[str, Any]) -> dict[str, Any]:
+def _parse_serve(check: Checker, table: dict[str, Any]) -> dict[str, Any]:
     serve: dict[str, Any] = {}
     for raw_key, value in table.items():
         key = raw_key.replace("_", "-").lstrip("-")
@@ -456,7 +550,7 @@ def _parse_serve(check: _Checker, table: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(serve.items()))
 
 
-def _parse_secret_refs(check: _Checker, key: str, value: Any) -> Any:
+def _parse_secret_refs(check: Checker, key: str, value: Any) -> Any:
     """A secret is only ever named: { env = "VAR" } or { file = "path" }, or a list of one."""
     refs = value if isinstance(value, list) else [value]
     for ref in refs:
@@ -465,8 +559,7 @@ def _parse_secret_refs(check: _Checker, key: str, value: Any) -> Any:
                 "serve", key, "a secret written inline would end up in the lock and in `ps`",
                 f'write {key} = {{ env = "VLLM_API_KEY" }} (or {{ file = "path" }}) and keep the key there',
             )
-        if not isinstance(ref, dict) or len(ref) != 1 or not set(ref) <= {"env", "file"} or not isinstance(next(iter(ref.values())), str):
-            check.fail("serve", key, "must be { env = \"NAME\" } or { file = \"path\" }")
+        _parse_reference(check, "serve", key, ref)
     if len(refs) != 1:
         # vLLM reads a single key from VLLM_API_KEY; others would be dropped without a word.
         check.fail(
@@ -476,15 +569,52 @@ def _parse_secret_refs(check: _Checker, key: str, value: Any) -> Any:
     return value
 
 
-class _Checker:
-    """Turns a problem into one ManifestError line: file:line: [table] key: what; hint."""
+def _parse_reference(check: Checker, table: str, key: str, ref: Any, label: str = "") -> tuple[str, str]:
+    """{ env = "NAME" } or { file = "path" }: where a secret is read from at `up`; (kind, where)."""
+    if not isinstance(ref, dict) or len(ref) != 1 or not set(ref) <= {"env", "file"} or not isinstance(next(iter(ref.values())), str):
+        check.fail(table, key, f"{label}must be {{ env = \"NAME\" }} or {{ file = \"path\" }}")
+    kind, where = next(iter(ref.items()))
+    if kind == "env" and not VARIABLE_NAME_RE.fullmatch(where):
+        check.fail(table, key, f"{label}{{ env = {where!r} }} does not name an environment variable", 'write { env = "NAME" }')
+    if kind == "file" and (not where.strip() or argument_problem(where)):
+        check.fail(table, key, f"{label}{{ file = {where!r} }} does not name a file", 'write { file = "path/to/the/secret" }')
+    return kind, where
 
-    def __init__(self, path: Path, text: str) -> None:
+
+class Checker:
+    """Turns a problem into one error line: file:line: [table] key: what; hint.
+
+    The manifest's tables and a lock's [inputs] go through the same checks; for a lock, `prefix`
+    ("inputs.") places the table in the lock, `error` is LockError and `advice` says what to do.
+    The text for line numbers is read only when there is a problem to report.
+    """
+
+    def __init__(
+        self, path: Path, text: str | None = None, error: type[VdeployError] = ManifestError,
+        prefix: str = "", advice: str | None = None,
+    ) -> None:
         self.path = path
-        self.lines = text.splitlines()
+        self._text = text
+        self.error = error
+        self.prefix = prefix
+        self.advice = advice
+
+    @property
+    def lines(self) -> list[str]:
+        if self._text is None:
+            try:
+                self._text = self.path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                self._text = ""
+        return self._text.splitlines()
+
+    def problem(self, table: str | None, key: str | None, what: str, hint: str | None = None) -> VdeployError:
+        table = f"{self.prefix}{table}" if table else (self.prefix.rstrip(".") or None)
+        hint = "; ".join(h for h in (hint, self.advice) if h) or None
+        return self.error(problem_line(self.path, self.lines, table, key, what, hint))
 
     def fail(self, table: str | None, key: str | None, what: str, hint: str | None = None) -> NoReturn:
-        raise ManifestError(problem_line(self.path, self.lines, table, key, what, hint))
+        raise self.problem(table, key, what, hint)
 
     @staticmethod
     def suggest(word: str, choices: Any) -> str | None:
@@ -500,11 +630,7 @@ def manifest_problem(
     manifest: Manifest, table: str | None, key: str | None, what: str, hint: str | None = None
 ) -> ManifestError:
     """A ManifestError about [table] key of a loaded manifest, with the key's line number."""
-    try:
-        lines = manifest.path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = []
-    return ManifestError(problem_line(manifest.path, lines, table, key, what, hint))
+    return Checker(manifest.path).problem(table, key, what, hint)  # type: ignore[return-value]
 
 
 def problem_line(

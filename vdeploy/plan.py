@@ -15,7 +15,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from vdeploy.constants import API_KEY_VARIABLE, REDACTED, SECRET_NAME_RE
-from vdeploy.errors import LaunchError
+from vdeploy.errors import LaunchError, LockError, UsageError
 from vdeploy.lockfile import LockedEngine, Lock
 from vdeploy.store import Store
 
@@ -113,15 +113,34 @@ class Plan:
 
     @property
     def url(self) -> str:
-        host = self.host if self.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
-        scheme = "https" if "--ssl-certfile" in self.argv else "http"
-        return f"{scheme}://{host}:{self.port}"
+        scheme = "https" if any(a.split("=", 1)[0] == "--ssl-certfile" for a in self.argv) else "http"
+        return f"{scheme}://{url_host(self.host)}:{self.port}"
+
+
+def url_host(host: str | None) -> str:
+    """The host part of a URL to reach a server listening on `host`: an address that listens
+    everywhere is reached on loopback, and an IPv6 address goes in brackets (zone as %25)."""
+    if host in (None, "", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    if ":" in host:
+        return "[" + host.replace("%", "%25") + "]"
+    return host
 
 
 @dataclass(frozen=True)
 class Overrides:
     host: str | None = None
     port: int | None = None
+
+    def __post_init__(self) -> None:
+        from vdeploy.flags import PORT_BOUNDS, host_problem
+
+        if self.host is not None and host_problem(self.host):
+            raise UsageError(f"--host {self.host!r} {host_problem(self.host)}; give one like 127.0.0.1, ::1 or my-host.example")
+        if self.port is not None and not PORT_BOUNDS["ge"] <= self.port <= PORT_BOUNDS["le"]:
+            raise UsageError(f"--port {self.port} is out of range; give a port from {PORT_BOUNDS['ge']} to {PORT_BOUNDS['le']}")
 
     def apply(self, serve: dict[str, Any]) -> dict[str, Any]:
         merged = dict(serve)
@@ -225,14 +244,26 @@ def served_name(lock: Lock) -> str:
     return lock.model.repo or Path(lock.model.path or "model").name
 
 
-def secret_sources(serve: Mapping[str, Any]) -> dict[str, str]:
-    """api-key = { env = "X" } / { file = "p" } → the engine reads it from VLLM_API_KEY."""
+def secret_sources(serve: Mapping[str, Any], env: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Where each secret the engine gets is read from at `up` ("env:NAME" / "file:PATH"), by the
+    engine variable it lands in: api-key = { env = "X" } → VLLM_API_KEY, and each [runtime] env
+    variable written as a reference, NAME = { env = "X" } / { file = "p" } → NAME."""
+    secrets = {}
+    for name, ref in sorted((env or {}).items()):
+        if isinstance(ref, Mapping):
+            kind, value = next(iter(ref.items()))
+            secrets[name] = f"{kind}:{value}"
     refs = serve.get("api-key")
-    if refs is None:
-        return {}
-    ref = refs[0] if isinstance(refs, list) else refs
-    kind, value = next(iter(ref.items()))
-    return {API_KEY_VARIABLE: f"{kind}:{value}"}
+    if refs is not None:
+        ref = refs[0] if isinstance(refs, list) else refs
+        kind, value = next(iter(ref.items()))
+        secrets[API_KEY_VARIABLE] = f"{kind}:{value}"
+    return secrets
+
+
+def pinned_env(env: Mapping[str, Any]) -> dict[str, str]:
+    """The [runtime] env variables written as values (references are secrets: see secret_sources)."""
+    return {name: value for name, value in env.items() if isinstance(value, str)}
 
 
 def secret_source_variables(secrets: Mapping[str, str]) -> frozenset[str]:
@@ -282,7 +313,7 @@ def make_plan(
     `launcher` a command there; [serve] is rendered as `catalogue` (None: by TOML types) says.
     `topology` places the process in a multi-node deployment (None: [serve] as locked).
     """
-    from vdeploy.flags import render_serve
+    from vdeploy.flags import looks_like_option, option_value, render_serve
 
     serve = overrides.apply(lock.serve)
     if topology is not None:
@@ -297,38 +328,41 @@ def make_plan(
             if isinstance(serve.get(key), str):
                 serve[key] = str(base_dir / os.path.expanduser(serve[key]))
     model_dir = str(store.snapshot_dir(lock.model))
+    if looks_like_option(model_dir):
+        raise LockError(f"the model folder {model_dir} would reach vLLM as a flag; use a store whose path is absolute")
     argv: list[str] = list(launcher.command)
-    argv += [model_dir] if launcher.model_positional else ["--model", model_dir]
+    # Every value below is glued to its flag when it could pass for one (option_value).
+    argv += [model_dir] if launcher.model_positional else option_value("--model", model_dir)
     if "served-model-name" not in serve:
-        argv += ["--served-model-name", served_name(lock)]
+        argv += option_value("--served-model-name", served_name(lock))
     if lock.tokenizer is not None:
-        argv += ["--tokenizer", str(store.snapshot_dir(lock.tokenizer))]
+        argv += option_value("--tokenizer", str(store.snapshot_dir(lock.tokenizer)))
     if lock.chat_template is not None:
-        argv += ["--chat-template", str(store.chat_template_path(lock.chat_template.sha256))]
+        argv += option_value("--chat-template", str(store.chat_template_path(lock.chat_template.sha256)))
     if "generation-config" not in serve:
         # Explicit: the locked model folder's generation_config.json (what "auto" means today).
-        argv += ["--generation-config", model_dir]
-    argv += ["--seed", str(lock.seed)]
+        argv += option_value("--generation-config", model_dir)
+    argv += option_value("--seed", str(lock.seed))
     code = remote_code(lock)
     if code:
-        argv += ["--trust-remote-code", "--code-revision", code_revision(lock)]
+        argv += ["--trust-remote-code", *option_value("--code-revision", code_revision(lock))]
     if supports_fingerprint(lock.engine) and "fingerprint-mode" not in serve:
-        argv += ["--fingerprint-mode", "custom", "--fingerprint-value", lock.deployment]
+        argv += ["--fingerprint-mode", "custom", *option_value("--fingerprint-value", lock.deployment)]
     argv += render_serve(serve, catalogue)
 
     env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_CACHE": str(store.root),
-        **lock.env,
+        **pinned_env(lock.env),
     }
     caller_env = caller_env or {}
-    secrets = secret_sources(serve)
+    secrets = secret_sources(serve, lock.env)
     # A key read from, say, $VLLM_SERVING_AUTH is shown and recorded by name only.
     hidden = secret_source_variables(secrets)
     inherited = {
         k: (REDACTED if k in hidden else v) for k, v in sorted(caller_env.items())
-        if is_behaviour_variable(k) and k not in env
+        if is_behaviour_variable(k) and k not in env and k not in secrets
     }
     port = serve.get("port", 8000)
     return Plan(

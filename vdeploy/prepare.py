@@ -159,11 +159,11 @@ def ensure_store(manifest: Manifest, lock: Lock, store: Store, allow_fetch: bool
     report = verify(lock, store)
     if report.ok:
         return
-    if not allow_fetch or report.extra:
+    if not allow_fetch:
         shown = "; ".join(report.problems()[:3])
-        hint = "remove the extra files" if report.extra else "run `vdeploy fetch` (or drop --no-fetch)"
-        raise StoreError(f"store {store.root} does not match the lock ({shown}); {hint}")
-    say(f"store lacks {len(report.missing) + len(report.mismatched)} locked file(s); fetching")
+        raise StoreError(f"store {store.root} does not match the lock ({shown}); run `vdeploy fetch` (or drop --no-fetch)")
+    extra = f", holds {len(report.extra)} file(s) it does not list" if report.extra else ""
+    say(f"store lacks {len(report.missing) + len(report.mismatched)} locked file(s){extra}; fetching")
     fetch_for(manifest, lock, store, say)
     report = verify(lock, store)
     if not report.ok:

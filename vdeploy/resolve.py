@@ -34,7 +34,7 @@ from vdeploy.lockfile import (
 )
 from vdeploy.manifest import Manifest, SourceSpec, manifest_problem, sha256_hex
 from vdeploy.roots import using_store
-from vdeploy.selection import check_code_policy, select_files
+from vdeploy.selection import check_code_policy, loads_pickles, select_files
 from vdeploy.store import Store, fetch, keep_blobs
 from vdeploy.trust import CODE_CONFIGS, find_code
 
@@ -149,7 +149,7 @@ def resolve(manifest: Manifest, update: bool = False) -> Resolved:
     engine = locked_engine(manifest, installed)
     catalogue = _catalogue_for_checks(engine.spec, installed)
     serve, resolved.skipped = check_serve(manifest.serve, catalogue, manifest)
-    if str(serve.get("load-format", "")).lower() == "pt" and not manifest.policy.allow_pickle:
+    if loads_pickles(serve) and not manifest.policy.allow_pickle:
         raise manifest_problem(
             manifest, "serve", "load-format", "\"pt\" loads pickle weights, which run code when loaded",
             "set [policy] allow-pickle = true if you trust them",

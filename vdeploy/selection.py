@@ -9,7 +9,8 @@ run: pickles, and remote code through auto_map.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from vdeploy.errors import PolicyError, SourceError
 from vdeploy.lockfile import LockedSource
@@ -40,6 +41,11 @@ def select_files(where: str, paths: Iterable[str], include: tuple[str, ...]) -> 
         raise SourceError(f"{where}: no files{' match include' if include else ''}")
     kept, _ = drop_pickles_beside_safetensors(chosen)
     return kept
+
+
+def loads_pickles(serve: Mapping[str, Any]) -> bool:
+    """Whether [serve] has vLLM unpickle the weights (load-format "pt"), which runs code."""
+    return str(serve.get("load-format", "")).lower() == "pt"
 
 
 def source_label(source: LockedSource) -> str:

@@ -4,7 +4,7 @@
     <root>/models--org--name/snapshots/<commit>/<path>    relative symlinks into blobs/
     <root>/models--org--name/refs/<branch or tag>         the locked commit (as `hf download` writes)
     <root>/.locks/models--org--name/<blob>.lock           per-blob file locks (as huggingface_hub)
-    <root>/.locks/vdeploy/fingerprints.json               files already hashed: size, mtime, inode
+    <root>/.locks/vdeploy/fingerprints.json               files already hashed: size, mtime, ctime, inode
     <root>/.locks/vdeploy/chat-templates/<sha256>.jinja   locked chat templates
 
 vdeploy's own files live under .locks/ because that is the one folder of the cache root that
@@ -14,6 +14,11 @@ A file appears in a snapshot only after its sha256 matched the lock: every blob,
 imported from a folder, linked from another repo or kept from `lock`, is published by one
 function (`_publish`) that checks it first. Downloads go to blobs/<blob>.incomplete, so a killed
 fetch resumes and never leaves a bad file in view.
+
+The snapshot folders of the commits a lock pins are vLLM's model folders, and vLLM loads what
+is in them, so fetch keeps them to exactly the locked files: it removes any other link in them
+(the blob stays, so huggingface_hub re-links it without a download if another tool asks for the
+file), and refuses, naming it, anything else there that it did not put there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import shutil
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,7 +77,7 @@ class Store:
         return FileLock(str(lock_path))
 
 
-# ---- fingerprints: "this inode, this size, this mtime was hashed and gave this sha256" ------
+# ---- fingerprints: "this inode, this size, this mtime and ctime was hashed and gave this sha256" ------
 
 
 class Fingerprints:
@@ -93,13 +99,18 @@ class Fingerprints:
         blob = os.fspath(blob)
         return f"{os.path.basename(os.path.dirname(os.path.dirname(blob)))}/{os.path.basename(blob)}"
 
+    @staticmethod
+    def _stamp(info: os.stat_result, sha256: str) -> list:
+        # ctime too: writing a file in place and restoring its mtime (touch -d) cannot restore it.
+        return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, sha256]
+
     def matches(self, blob: str | os.PathLike[str], info: os.stat_result, sha256: str) -> bool:
-        return self.records.get(self._key(blob)) == [info.st_size, info.st_mtime_ns, info.st_ino, sha256]
+        return self.records.get(self._key(blob)) == self._stamp(info, sha256)
 
     def record(self, blob: str | os.PathLike[str], sha256: str) -> None:
         info = os.stat(blob)
         with self._mutex:
-            self.changed[self._key(blob)] = [info.st_size, info.st_mtime_ns, info.st_ino, sha256]
+            self.changed[self._key(blob)] = self._stamp(info, sha256)
 
     def forget(self, blob: str | os.PathLike[str]) -> None:
         with self._mutex:
@@ -182,9 +193,16 @@ def verify(lock: Lock, store: Store, full: bool = False) -> VerifyReport:
     report = VerifyReport()
     fingerprints = Fingerprints(store)
     to_hash: list[tuple[str, str, LockedFile | None]] = []
+    locked = locked_by_snapshot(store, lock.sources)
     for source in lock.sources:
         snapshot = str(store.snapshot_dir(source))
         blobs = str(store.repo_dir(source) / "blobs")
+        link = snapshot_link(store, source)
+        if link is not None:
+            # vLLM would read the files wherever the link points; none of them is checked here.
+            report.checked += len(source.files)
+            report.mismatched.append(f"{source.role}: snapshots/{source.commit} (reached through the link {link})")
+            continue
         for file in source.files:
             report.checked += 1
             try:
@@ -202,7 +220,9 @@ def verify(lock: Lock, store: Store, full: bool = False) -> VerifyReport:
                 report.mismatched.append(_label(source, file))
             elif full or not fingerprints.matches(blob, info, file.sha256):
                 to_hash.append((_label(source, file), blob, file))
-        report.extra.extend(_extra_in_snapshot(store, source))
+        snapshot = str(store.snapshot_dir(source))
+        if snapshot in locked:  # once per folder: sources pinning one commit share it
+            report.extra.extend(f"{source.role}: {path}" for path in _extra_in_snapshot(snapshot, locked.pop(snapshot)))
     if lock.chat_template is not None:
         report.checked += 1
         template = store.chat_template_path(lock.chat_template.sha256)
@@ -243,18 +263,37 @@ def _label(source: LockedSource, file: LockedFile) -> str:
     return f"{source.role}: {file.path}"
 
 
-def _extra_in_snapshot(store: Store, source: LockedSource) -> list[str]:
-    snapshot = str(store.snapshot_dir(source))
+def snapshot_link(store: Store, source: LockedSource) -> str | None:
+    """A link at snapshots/ or snapshots/<commit> of a source's folder (its path), or None. Through
+    one, vLLM would read files elsewhere than where their links are checked."""
+    repo = str(store.repo_dir(source))
+    for path in (os.path.join(repo, "snapshots"), os.path.join(repo, "snapshots", source.commit)):
+        if os.path.islink(path):
+            return path
+    return None
+
+
+def locked_by_snapshot(store: Store, sources: list[LockedSource]) -> dict[str, set[str]]:
+    """Each snapshot folder the sources pin → the paths locked in it (a model and a tokenizer
+    from one commit share one folder)."""
+    locked: dict[str, set[str]] = {}
+    for source in sources:
+        locked.setdefault(str(store.snapshot_dir(source)), set()).update(f.path for f in source.files)
+    return locked
+
+
+def _extra_in_snapshot(snapshot: str, locked: set[str]) -> list[str]:
+    """Paths in a snapshot folder that are not locked files: files, and links to folders (which
+    os.walk does not enter, and through which vLLM would read whatever they point at)."""
     if not os.path.isdir(snapshot):
         return []
-    locked = {f.path for f in source.files}
     extra = []
     prefix = len(snapshot) + 1
-    for dirpath, _, filenames in os.walk(snapshot):
-        for name in filenames:
+    for dirpath, dirnames, filenames in os.walk(snapshot):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             relative = os.path.join(dirpath, name)[prefix:].replace(os.sep, "/")
             if relative not in locked:
-                extra.append(f"{source.role}: {relative}")
+                extra.append(relative)
     return sorted(extra)
 
 
@@ -268,6 +307,7 @@ class FetchReport:
     downloaded: int = 0
     downloaded_bytes: int = 0
     imported: int = 0  # copied from a local folder
+    removed: int = 0  # links in a locked snapshot that the lock does not list
 
 
 Downloader = Callable[[LockedSource, LockedFile, Path], None]
@@ -287,6 +327,17 @@ def fetch(
     mutex = threading.Lock()
     stop = threading.Event()
     jobs = [(source, file) for source in sources for file in source.files]
+    locked = locked_by_snapshot(store, sources)
+    # First, so that no link to a folder elsewhere is followed when the locked files are linked.
+    for source in sources:
+        link = snapshot_link(store, source)
+        if link is not None and link.endswith(source.commit):
+            os.unlink(link)
+            say(f"  removed {link}, a link where the snapshot folder belongs")
+        elif link is not None:
+            raise StoreError(f"{link}: a link where the snapshots folder belongs; move it aside and run `vdeploy fetch`")
+    for snapshot, paths in locked.items():
+        report.removed += _remove_extra_links(snapshot, paths, say)
 
     def place(job: tuple[LockedSource, LockedFile]) -> None:
         source, file = job
@@ -314,7 +365,31 @@ def fetch(
         _place_chat_template(store, chat_template.sha256, template_bytes)
     for source in sources:
         write_ref(store, source)
+    for snapshot, paths in locked.items():
+        foreign = _extra_in_snapshot(snapshot, paths)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise StoreError(
+                f"{os.path.join(snapshot, foreign[0])}{more}: not in the lock, and not a link vdeploy can drop; "
+                "vLLM loads this whole folder, so move it out and run `vdeploy fetch` again"
+            )
     return report
+
+
+def _remove_extra_links(snapshot: str, locked: set[str], say: Callable[[str], None]) -> int:
+    """Remove the links in a locked snapshot folder that the lock does not list (only links: the
+    blobs they point at stay), then the folders they leave empty. The number removed."""
+    removed = 0
+    for relative in _extra_in_snapshot(snapshot, locked):
+        path = os.path.join(snapshot, relative)
+        if os.path.islink(path):
+            os.unlink(path)
+            removed += 1
+            say(f"  removed {relative} from {snapshot} (not in the lock)")
+    for dirpath, _, _ in sorted(os.walk(snapshot), key=lambda entry: -len(entry[0])):
+        if dirpath != snapshot and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    return removed
 
 
 def write_ref(store: Store, source: LockedSource) -> None:
@@ -359,7 +434,7 @@ def _place_file(
                 _download_blob(source, file, blob, stop)
                 how = "downloaded"
             fingerprints.record(blob, file.sha256)
-        _link(entry, blob)
+        _link(entry, blob, store.meta_dir / "links")
         return how
 
 
@@ -430,6 +505,8 @@ def _reuse_blob_from_elsewhere(
             shutil.copyfile(candidate, staged)
             digest = None
         _publish(staged, blob, file, lambda d: f"{candidate}: changed while being copied; run `vdeploy fetch` again", digest)
+        if digest is not None:
+            fingerprints.record(candidate, file.sha256)  # a new link changed its ctime, not its bytes
         return True
     return False
 
@@ -487,19 +564,33 @@ def _import_local_file(source: LockedSource, file: LockedFile, blob: Path, folde
     ))
 
 
-def _link(entry: Path, blob: Path) -> None:
-    """Point a snapshot entry at its blob, atomically, with a relative link as huggingface_hub does."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
+def _link(entry: Path, blob: Path, scratch: Path) -> None:
+    """Point a snapshot entry at its blob, atomically, with a relative link as huggingface_hub does.
+    Something else where the entry or its folder belongs is named in one line, and nothing is left."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next(p for p in (entry.parent, *entry.parent.parents) if p.exists() and not p.is_dir())
+        raise StoreError(
+            f"{blocking}: a file is where the folder of the locked {entry.name} belongs; move it out and run `vdeploy fetch`"
+        ) from None
     target = os.path.relpath(blob, entry.parent)
     try:
         if os.readlink(entry) == target:
             return
     except OSError:
         pass
-    tmp = entry.with_name(f".{entry.name}.vdeploy-link")
-    tmp.unlink(missing_ok=True)
+    if entry.is_dir() and not entry.is_symlink():
+        raise StoreError(f"{entry}: a folder is where this locked file belongs; move it out and run `vdeploy fetch`")
+    # Made beside vdeploy's own files, not in the snapshot, so a killed fetch leaves nothing there.
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / f"{uuid.uuid4().hex}.link"
     os.symlink(target, tmp)
-    os.replace(tmp, entry)
+    try:
+        os.replace(tmp, entry)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{entry}: cannot link it to its blob ({exc.strerror}); move what is there out and run `vdeploy fetch`") from None
 
 
 def _place_chat_template(store: Store, sha256: str, template_bytes: bytes | None) -> None:

@@ -42,6 +42,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 KEY_VARIABLE = "VLLM_SERVING_AUTH"
 KEY = "sk-serve-flags-" + secrets.token_hex(12)
 AUTH = {"Authorization": f"Bearer {KEY}"}
+# A secret the engine gets through [runtime] env by reference: read at `up`, never written or shown.
+SECRET_VARIABLE = "SERVE_FLAGS_HF"
+SECRET = "hf_serve_flags_" + secrets.token_hex(12)
 ALLOWED_ORIGIN = "http://allowed.example"
 MARKER = "VDEPLOY-TEMPLATE-MARK"
 NAMES = ["tiny", "tiny-alias"]
@@ -76,7 +79,7 @@ reasoning-parser = "deepseek_r1"
 [runtime]
 seed = 0
 # vLLM 0.32 logs a request's prompt text only at DEBUG (its outputs at INFO)
-env = {{ VLLM_CPU_KVCACHE_SPACE = "1", VLLM_LOGGING_LEVEL = "DEBUG" }}
+env = {{ VLLM_CPU_KVCACHE_SPACE = "1", VLLM_LOGGING_LEVEL = "DEBUG", HF_TOKEN = {{ env = "{SECRET_VARIABLE}" }} }}
 """
 
 
@@ -172,7 +175,7 @@ def served(make_project, repos):
     project.write_manifest(MANIFEST)
     project.run_vdeploy("lock")
     project.run_vdeploy("fetch")
-    with_key = {KEY_VARIABLE: KEY}
+    with_key = {KEY_VARIABLE: KEY, SECRET_VARIABLE: SECRET}
     _, plan_text, plan_err = project.run_vdeploy("plan", env=with_key)
     _, plan_json, _ = project.run_vdeploy("plan", "--json", env=with_key)
     context = ssl.create_default_context(cafile=str(cert_file))
@@ -207,6 +210,16 @@ def test_api_key_is_in_no_command_line_lock_or_plan(served):
     for shown in (served.plan_text, served.plan_json):
         assert KEY not in shown
         assert f"env:{KEY_VARIABLE}" in shown  # named, never shown
+
+
+def test_a_secret_in_runtime_env_reaches_the_engine_and_nothing_else(served):
+    engine = processes_mentioning(str(served.project.store))
+    environments = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in engine]
+    assert any(f"HF_TOKEN={SECRET}".encode() in environment for environment in environments)
+    assert processes_mentioning(SECRET) == []
+    assert SECRET not in served.project.lock.read_text() and f'env = "{SECRET_VARIABLE}"' in served.project.lock.read_text()
+    for shown in (served.plan_text, served.plan_json):
+        assert SECRET not in shown and f"env:{SECRET_VARIABLE}" in shown
 
 
 def test_allowed_origin_gets_the_cors_header_and_another_does_not(served):
@@ -355,8 +368,9 @@ def test_stopping_leaves_no_process_and_no_key_in_the_log_or_run_record(served):
     assert "Generated response" in log and KEY not in log
     assert len(served.run_records()) == 1
     record = served.run_records()[0].read_text()
-    assert KEY not in record
+    assert KEY not in record and SECRET not in record and SECRET not in log
     assert run["env"]["VLLM_API_KEY"] == "<redacted>" and run["env"][KEY_VARIABLE] == "<redacted>"
+    assert run["env"]["HF_TOKEN"] == "<redacted>"
 
 
 # ---- refusals before launch (no server) -----------------------------------------------------
