@@ -1,4 +1,5 @@
-"""What the verify benchmarks share: the CLI in a subprocess, timed, and a locked local-folder project."""
+"""What the benchmarks share: the CLI in a subprocess, timed, a locked local-folder project, and a copy
+of the tiny example."""
 
 from __future__ import annotations
 
@@ -37,3 +38,16 @@ def lock_local_folder(root: Path, env: dict[str, str]) -> None:
         manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
     (root / "vdeploy.toml").write_text(manifest)
     timed_vdeploy(["lock", str(root)], env)
+
+
+def copy_tiny_example(folder: Path, build: bool = True) -> None:
+    """examples/tiny in `folder` with its committed lock; with build, its model built and fetched."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vdeploy.toml", "vdeploy.lock"):
+        shutil.copy(root / "examples" / "tiny" / name, folder / name)
+    if build:
+        subprocess.run([sys.executable, str(root / "examples" / "tiny" / "build_model.py"), str(folder / "model")], check=True)
+        subprocess.run([sys.executable, "-m", "vdeploy", "fetch", str(folder)], check=True, stderr=subprocess.DEVNULL)

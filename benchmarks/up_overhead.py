@@ -12,7 +12,6 @@ committed lock is used), and launches vLLM once unless --no-launch is given.
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import statistics
 import subprocess
@@ -22,7 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_cli import copy_tiny_example
+
 PLAN_TARGET_SECONDS = 0.3
 SHARE_TARGET = 0.05
 
@@ -69,11 +69,7 @@ def main() -> None:
     vdeploy = [sys.executable, "-m", "vdeploy"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "tiny"
-        folder.mkdir()
-        for name in ("vdeploy.toml", "vdeploy.lock"):
-            shutil.copy(ROOT / "examples" / "tiny" / name, folder / name)
-        subprocess.run([sys.executable, str(ROOT / "examples" / "tiny" / "build_model.py"), str(folder / "model")], check=True)
-        subprocess.run([*vdeploy, "fetch", str(folder)], check=True, stderr=subprocess.DEVNULL)
+        copy_tiny_example(folder)
 
         help_seconds = median_wall([*vdeploy, "--help"], folder, args.runs)
         plan_seconds = median_wall([*vdeploy, "plan", str(folder)], folder, args.runs)

@@ -10,12 +10,10 @@ with the real engine.
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,9 +21,10 @@ import pytest
 
 from vdeploy import procfs
 from vdeploy.errors import LaunchError
-from vdeploy.launch import answers_health, check_port_free, exit_status, stop_groups
+from vdeploy.launch import check_port_free, exit_status, stop_groups
 from vdeploy.plan import Plan
 from vdeploy.records import RunRecord, now, register_live
+from vdeploy.status import answers_health
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
@@ -131,15 +130,6 @@ def test_stop_groups_terms_then_kills_and_a_second_request_hurries_it():
 
 def test_exit_status_is_what_a_shell_shows():
     assert [exit_status(c) for c in (0, 3, -2, -15, -9)] == [0, 3, 130, 143, 137]
-
-
-class HealthHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - the http.server API
-        self.send_response(200 if self.path == "/health" else 404)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

@@ -218,10 +218,10 @@ def status(
     if all_projects:
         rows, where = machine_status(), "this machine"
     else:
-        from vdeploy.manifest import load_manifest
+        from vdeploy.manifest import find_manifest
 
-        loaded = load_manifest(manifest)
-        rows, where = project_status(loaded.folder), str(loaded.path)
+        found = find_manifest(manifest)  # only where it is: status needs no parse
+        rows, where = project_status(found.parent), str(found)
     if as_json:
         emit_json([row.to_json() for row in rows])
         return

@@ -51,12 +51,12 @@ from vdeploy.records import (
     runs_dir,
     unregister_live,
 )
+from vdeploy.status import answers_health
 
 STOP_GRACE_SECONDS = 20
 KILL_WAIT_SECONDS = 5
 POLL_SECONDS = 0.1
 HEALTH_POLL_SECONDS = 0.25
-HEALTH_REQUEST_SECONDS = 2
 STARTUP_LOG_BYTES = 4 << 20  # vLLM says what it chose before it answers; request logs come later
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
@@ -218,31 +218,6 @@ def free_loopback_port() -> int:
 
 
 # ---- health -------------------------------------------------------------------------------
-
-
-def answers_health(url: str, timeout: float = HEALTH_REQUEST_SECONDS) -> bool:
-    """GET /health answers 200 (HTTPS without certificate checks: it is a server we started)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        import ssl
-
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=context)
-    else:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        connection.request("GET", "/health")
-        return connection.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
 
 
 def group_listens_on(pgid: int, port: int) -> bool:
@@ -622,6 +597,19 @@ class Supervision:
 # ---- up -----------------------------------------------------------------------------------
 
 
+def launch_env(prepared: Prepared, pure: bool, caller_env: Mapping[str, str] | None) -> tuple[Mapping[str, str], dict[str, str]]:
+    """What every launch starts from, once the port is known to be free: the caller's environment
+    and the engine's."""
+    caller_env = os.environ if caller_env is None else caller_env
+    env = engine_env(prepared, caller_env, pure)
+    check_port_free(prepared.plan, prepared.manifest.folder)
+    return caller_env, env
+
+
+def ready_line(plan: Plan) -> str:
+    return f"ready: {plan.url}/v1 serving {plan.served_model_name!r} (deployment {plan.deployment[:16]})"
+
+
 def launch(
     prepared: Prepared,
     pure: bool,
@@ -630,9 +618,7 @@ def launch(
     caller_env: Mapping[str, str] | None = None,
 ) -> int:
     """`vdeploy up` in the foreground: vLLM's log on stdout, until it exits or is stopped."""
-    caller_env = os.environ if caller_env is None else caller_env
-    env = engine_env(prepared, caller_env, pure)
-    check_port_free(prepared.plan, prepared.manifest.folder)
+    _, env = launch_env(prepared, pure, caller_env)
     with StopRequests() as stops:
         record = start_record(prepared, env, pure)
         session = Supervision(record, prepared.plan, env, stops, say)
@@ -642,9 +628,7 @@ def launch(
             follower.start()
             try:
                 if session.wait_ready(health_timeout):
-                    plan = prepared.plan
-                    say(f"ready: {plan.url}/v1 serving {plan.served_model_name!r} (deployment {plan.deployment[:16]}, "
-                        f"run {record.run_id}); Ctrl-C stops it")
+                    say(f"{ready_line(prepared.plan)}, run {record.run_id}; Ctrl-C stops it")
                     session.wait_engine()
             finally:
                 follower.stop()
@@ -666,9 +650,7 @@ def launch_detached(
     session) starts vLLM and watches it as the foreground `up` would; this process returns once
     the engine is ready. Until then the supervisor dies with this process (a stop request here is
     passed on); after, it runs on until `vdeploy down` or the engine's own end."""
-    caller_env = os.environ if caller_env is None else caller_env
-    env = engine_env(prepared, caller_env, pure)
-    check_port_free(prepared.plan, prepared.manifest.folder)
+    _, env = launch_env(prepared, pure, caller_env)
     record = start_record(prepared, env, pure, detached=True)
     read_end, write_end = os.pipe()
     sys.stdout.flush()
@@ -688,9 +670,7 @@ def launch_detached(
         answer = _wait_for_supervisor(read_end, child, stops)
     os.close(read_end)
     if answer == b"ready":
-        say(f"ready: {prepared.plan.url}/v1 serving {prepared.plan.served_model_name!r} "
-            f"(deployment {prepared.plan.deployment[:16]}), detached as run {record.run_id}; "
-            f"`vdeploy down {record.run_id}` stops it")
+        say(f"{ready_line(prepared.plan)}, detached as run {record.run_id}; `vdeploy down {record.run_id}` stops it")
         return 0
     _, status = os.waitpid(child, 0)
     code = exit_status(-os.WTERMSIG(status)) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -787,9 +767,7 @@ def run_command(
     caller_env: Mapping[str, str] | None = None,
 ) -> int:
     """`vdeploy run -- CMD`: serve, run CMD against the server, stop the server; CMD's exit code."""
-    caller_env = os.environ if caller_env is None else caller_env
-    env = engine_env(prepared, caller_env, pure)
-    check_port_free(prepared.plan, prepared.manifest.folder)
+    caller_env, env = launch_env(prepared, pure, caller_env)
     with StopRequests() as stops:
         record = start_record(prepared, env, pure, kind="run",
                               command=CommandRecord(argv=list(command), cwd=os.getcwd()))
@@ -797,9 +775,7 @@ def run_command(
         try:
             session.start()
             if session.wait_ready(health_timeout):
-                plan = prepared.plan
-                say(f"ready: {plan.url}/v1 serving {plan.served_model_name!r} (deployment {plan.deployment[:16]}, "
-                    f"run {record.run_id}); running {shlex.join(command)}")
+                say(f"{ready_line(prepared.plan)}, run {record.run_id}; running {shlex.join(command)}")
                 _run_against(session, prepared, command, command_env(prepared, env, caller_env, record))
         finally:
             code = session.finish(1, None, "vdeploy itself failed; see its error")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from vdeploy import procfs
-from vdeploy.atomic import write_atomically
 from vdeploy.constants import RUNS_DIR, vdeploy_cache_dir
 
 RECORD_FORMAT = 2
@@ -108,6 +107,8 @@ class RunRecord:
         return data
 
     def save(self) -> None:
+        from vdeploy.atomic import write_atomically  # tempfile: only commands that write pay for it
+
         write_atomically(self.path, (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
@@ -244,6 +245,8 @@ def live_dir() -> Path:
 
 def register_live(record: RunRecord) -> None:
     """List the run machine-wide until it completes (`status --all`)."""
+    from vdeploy.atomic import write_atomically
+
     write_atomically(live_dir() / record.run_id, str(record.path.resolve()).encode())
 
 
