@@ -33,6 +33,15 @@ def test_run_needs_one_manifest_at_most_and_a_command_after_the_double_dash(proj
     assert says in stderr and "Traceback" not in stderr
 
 
+def test_run_refuses_a_command_that_is_not_there_before_anything_starts(project):
+    line = one_error(project.run_vdeploy("run", "--", "no-such-experiment-xyz", "--flag", expect=1)[2])
+    assert line == "error: no-such-experiment-xyz: no executable of that name on the PATH; check the command after --"
+    (project.folder / "eval.sh").write_text("#!/bin/sh\n")  # not executable
+    line = one_error(project.run_vdeploy("run", "--", "./eval.sh", expect=1)[2])
+    assert line.startswith("error: ./eval.sh: no executable of that name there")
+    assert not (project.folder / ".vdeploy").exists()
+
+
 @pytest.mark.parametrize("dtype, warned", [(None, True), ('"auto"', True), ('"float32"', False)])
 def test_lock_warns_in_one_line_when_dtype_is_left_to_vllm(project, hub_model, dtype, warned):
     serve = "" if dtype is None else f"dtype = {dtype}\n"

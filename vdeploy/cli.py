@@ -189,11 +189,12 @@ def run(
     timeout: TimeoutOption = 900,
 ) -> None:
     """Serve the deployment, run CMD against it (OPENAI_BASE_URL, ...), stop it; exit with CMD's code."""
-    from vdeploy.launch import free_loopback_port, run_command
+    from vdeploy.launch import check_command, free_loopback_port, run_command
     from vdeploy.manifest import load_manifest
     from vdeploy.prepare import Options, prepare
 
     manifest, command = split_command(list(words or []), sys.argv)
+    check_command(command)
     serve = load_manifest(manifest).serve
     # Two runs of different projects never collide: a free loopback port unless one is named.
     if port is None and "port" not in serve:

@@ -779,11 +779,26 @@ def run_command(
                 _run_against(session, prepared, command, command_env(prepared, env, caller_env, record))
         finally:
             code = session.finish(1, None, "vdeploy itself failed; see its error")
-    if record.reason and record.stopped_by in ("engine", "timeout", None):
-        say(f"{record.reason}; vLLM's log: {record.engine_log}")
-    elif record.command is not None and record.command.exit_code is not None:
-        say(f"the command exited with code {record.command.exit_code}; vLLM stopped; record: {record.path}")
+    say(run_ending(record))
     return code
+
+
+def run_ending(record: RunRecord) -> str:
+    """`run`'s last line: how the run ended, and where to look."""
+    if record.stopped_by in ("engine", "timeout", None):
+        return f"{record.reason}; vLLM's log: {record.engine_log}"
+    if record.stopped_by == "command" and record.command is not None and record.command.exit_code is not None:
+        return f"the command exited with code {record.command.exit_code}; vLLM stopped; record: {record.path}"
+    return f"{record.reason or f'stopped by {record.stopped_by}'}; record: {record.path}"
+
+
+def check_command(command: Sequence[str]) -> None:
+    """CMD must be there before vLLM starts for it (a typo should not cost a minute of start-up)."""
+    import shutil
+
+    if shutil.which(command[0]) is None:
+        where = "on the PATH" if os.sep not in command[0] else "there"
+        raise LaunchError(f"{command[0]}: no executable of that name {where}; check the command after --")
 
 
 def _run_against(session: Supervision, prepared: Prepared, command: Sequence[str], env: Mapping[str, str]) -> None:

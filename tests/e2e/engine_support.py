@@ -192,3 +192,9 @@ def assert_run_left_nothing(project, record: dict) -> None:
     if (record.get("command") or {}).get("pid"):
         assert processes_in_group(record["command"]["pid"]) == [], "CMD's processes outlived `vdeploy run`"
     assert processes_mentioning(str(project.store)) == [], "a process still runs from the store"
+
+
+def lock_and_fetch(project, timeout: float = 600) -> None:
+    """`vdeploy lock` then `fetch`; lock's first engine probe imports vLLM, slow on a busy machine."""
+    project.run_vdeploy("lock", timeout=timeout)
+    project.run_vdeploy("fetch", timeout=timeout)

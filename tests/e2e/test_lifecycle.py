@@ -20,6 +20,7 @@ from engine_support import (
     assert_run_left_nothing,
     free_port,
     group_has,
+    lock_and_fetch,
     processes_in_group,
     run_records,
     start_up,
@@ -38,8 +39,7 @@ READY = 300
 def locked(make_project, tiny_repo):
     project = make_project("lifecycle")
     project.write_manifest(tiny_manifest(tiny_repo))
-    project.run_vdeploy("lock")
-    project.run_vdeploy("fetch")
+    lock_and_fetch(project)
     return project
 
 
@@ -69,7 +69,7 @@ def test_a_port_held_by_another_server_is_refused_before_vllm_starts(locked, oth
     assert answers_health(f"http://127.0.0.1:{port}")  # what `up` used to take for its own vLLM
     before = len(run_records(locked))
     for command in (["up", "--no-fetch", "--port", str(port)], ["run", "--no-fetch", "--port", str(port), "--", "true"]):
-        _, _, stderr = locked.run_vdeploy(*command, expect=1)
+        _, _, stderr = locked.run_vdeploy(*command, expect=1, timeout=180)
         line = one_error(stderr)
         assert f"port {port} is taken by pid {server.pid} (" in line and "http.server" in line, line
     assert len(run_records(locked)) == before  # refused before anything started
@@ -140,8 +140,7 @@ def test_a_launch_that_fails_at_popen_completes_its_record(make_project, tiny_re
     project = make_project("popen-fails")
     project.write_manifest(tiny_manifest(tiny_repo, serve='api-key = { file = "key.txt" }\n'))
     (project.folder / "key.txt").write_text("k" * (100 << 10))
-    project.run_vdeploy("lock")
-    project.run_vdeploy("fetch")
+    lock_and_fetch(project)
     limit = 8 << 20  # RLIMIT_STACK for the test; execve allows a quarter of it for arguments
     argv = [sys.executable, "-m", "vdeploy", "up", "--no-fetch", "--port", str(free_port())]
     env = project.env()
@@ -172,8 +171,7 @@ def test_vllm_s_own_exit_code_is_up_s_when_it_ends_by_itself(make_project, tiny_
     """A max-model-len beyond the model's 256 positions: vLLM refuses it at start and exits."""
     project = make_project("own-exit")
     project.write_manifest(tiny_manifest(tiny_repo).replace("max-model-len = 256", "max-model-len = 512"))
-    project.run_vdeploy("lock")
-    project.run_vdeploy("fetch")
+    lock_and_fetch(project)
     code, _, stderr = project.run_vdeploy("up", "--no-fetch", "--port", str(free_port()), expect=None, timeout=READY)
     record = run_records(project)[-1]
     assert code != 0 and code == record["exit_code"] == record["engine_exit_code"], stderr[-3000:]
@@ -205,7 +203,7 @@ def test_a_detached_deployment_runs_on_until_down(locked, tmp_path):
         assert record["run_id"] in [r["run_id"] for r in everywhere]
         # a second `up` on the taken port is refused before vLLM starts, naming the run
         before = len(run_records(locked))
-        line = one_error(locked.run_vdeploy("up", "--no-fetch", "--port", str(port), expect=1)[2])
+        line = one_error(locked.run_vdeploy("up", "--no-fetch", "--port", str(port), expect=1, timeout=180)[2])
         assert f"port {port} is taken by vdeploy up {record['run_id']}" in line
         assert len(run_records(locked)) == before
     finally:

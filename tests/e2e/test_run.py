@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_support import assert_run_left_nothing, run_records, start_vdeploy, tiny_manifest, wait_until
+from engine_support import assert_run_left_nothing, lock_and_fetch, run_records, start_vdeploy, tiny_manifest, wait_until
 
 from vdeploy.lockfile import loads_lock
 
@@ -68,8 +68,7 @@ def locked(make_project, tiny_repo):
     """The tiny model, locked and fetched, with the client beside it; no port in the manifest."""
     project = make_project("run")
     project.write_manifest(tiny_manifest(tiny_repo))
-    project.run_vdeploy("lock")
-    project.run_vdeploy("fetch")
+    lock_and_fetch(project)
     (project.folder / "client.py").write_text(CLIENT)
     return project
 
@@ -110,8 +109,7 @@ def test_a_failing_command_s_code_passes_through_and_the_key_reaches_it(make_pro
     """With [serve] api-key, the client authenticates with OPENAI_API_KEY alone."""
     project = make_project("run-key")
     project.write_manifest(tiny_manifest(tiny_repo, serve=f'api-key = {{ env = "{KEY_VARIABLE}" }}\n'))
-    project.run_vdeploy("lock")
-    project.run_vdeploy("fetch")
+    lock_and_fetch(project)
     (project.folder / "client.py").write_text(CLIENT)
     started = run(project, sys.executable, "client.py", "7", env={KEY_VARIABLE: KEY})
     assert started.wait(READY + 60) == 7, started.err()[-3000:]
