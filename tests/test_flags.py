@@ -315,6 +315,10 @@ def test_init_from_command_gives_back_the_same_flags(catalogue, tmp_path, comman
     (tmp_path / "vdeploy.toml").write_text(text)
     (tmp_path / "template.jinja").write_text("{{ messages[0]['content'] }}")
     data = tomllib.loads(text)
+    # init names the engine whose flags read the command: the lock needs it
+    assert data["runtime"].pop("engine") == catalogue.engine
+    if not data["runtime"]:
+        del data["runtime"]
     for table, expected in tables.items():
         assert data[table] == expected, table
     manifest = load_manifest(tmp_path)

@@ -341,7 +341,18 @@ def init(
 
         text = manifest_from_command(from_command, installed_catalogue())
     elif repo is not None and REPO_ID_RE.fullmatch(repo):
-        text = f'[model]\nrepo = "{repo}"\nrevision = "main"\n\n[serve]\n\n[runtime]\nseed = 0\n'
+        from vdeploy.engine import installed_engine
+
+        running = installed_engine()
+        if running is None:
+            raise ManifestError(
+                "init --repo names the engine the lock pins, and no vLLM is installed here; "
+                "install the engine, or write vdeploy.toml by hand with [runtime] engine = \"vllm==<version>\""
+            )
+        text = (
+            f'[model]\nrepo = "{repo}"\nrevision = "main"\n\n[serve]\n\n'
+            f'[runtime]\nseed = 0\nengine = "{running.spec}"\n'
+        )
     else:
         raise ManifestError("init needs --from-command \"vllm serve ...\" or --repo org/name")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,9 @@ def manifest_from_command(command: str, catalogue: Catalogue) -> str:
         notes.append(f"{name} was set on the command line: export it in the shell that runs vdeploy.")
     if env:
         runtime["env"] = env
-    if runtime:
-        manifest["runtime"] = runtime
+    # The engine whose flags read the command: the lock pins it (and `up` refuses another).
+    runtime["engine"] = catalogue.engine
+    manifest["runtime"] = runtime
     if trust_remote_code:
         manifest["policy"] = {"trust-remote-code": "pinned"}
     if download_dir is not None:
