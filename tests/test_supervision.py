@@ -21,7 +21,8 @@ import pytest
 
 from vdeploy import procfs
 from vdeploy.errors import LaunchError
-from vdeploy.launch import check_port_free, exit_status, stop_groups
+from vdeploy.launch import check_port_free
+from vdeploy.processes import exit_status, stop_groups
 from vdeploy.plan import Plan
 from vdeploy.records import RunRecord, now, register_live
 from vdeploy.status import answers_health
@@ -43,7 +44,7 @@ time.sleep(600)
 # prints the group id, then waits to be killed (or releases the watchdog when told to).
 SUPERVISOR = """
 import signal, subprocess, sys, time
-from vdeploy.launch import Watchdog, die_with_parent
+from vdeploy.processes import Watchdog, die_with_parent
 leader = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True,
                           preexec_fn=die_with_parent(signal.SIGTERM))
 watchdog = Watchdog.start(leader.pid, grace=float(sys.argv[2]))

@@ -145,13 +145,17 @@ def choose_run(project: Path, run_id: str | None, manifest: Path) -> RunRecord:
 
 def stop_run(record: RunRecord, say: Callable[[str], None]) -> RunRecord:
     """Stop a run the way its supervisor stops it, and return its completed record."""
-    from vdeploy.launch import STOP_GRACE_SECONDS, group_alive, stop_groups
+    from vdeploy.processes import STOP_GRACE_SECONDS, group_alive, stop_groups
 
     supervisor = (procfs.ProcessIdentity(record.supervisor_pid, record.supervisor_start)
                   if record.supervisor_pid is not None and record.supervisor_start is not None else None)
     if supervisor is not None and procfs.is_alive(supervisor):
         (record.folder / STOP_REQUEST).write_text("down\n", encoding="utf-8")
-        os.kill(supervisor.pid, signal.SIGTERM)
+        try:
+            os.kill(supervisor.pid, signal.SIGTERM)
+        except PermissionError:
+            raise LaunchError(f"run {record.run_id} is supervised by another user's process (pid {supervisor.pid}); "
+                              "stop it as that user") from None
         deadline = time.monotonic() + STOP_GRACE_SECONDS + DOWN_EXTRA_SECONDS
         while procfs.is_alive(supervisor) and time.monotonic() < deadline:
             time.sleep(0.1)

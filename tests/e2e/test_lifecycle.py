@@ -29,7 +29,7 @@ from engine_support import (
     wait_until,
 )
 
-from vdeploy.launch import STOP_GRACE_SECONDS
+from vdeploy.processes import STOP_GRACE_SECONDS
 from vdeploy.status import answers_health
 
 READY = 300
