@@ -43,7 +43,9 @@ def run_once(vdeploy: list[str], folder: Path) -> tuple[float, float]:
                           capture_output=True, text=True)
     end = time.time()
     if done.returncode != 0:
-        raise SystemExit(f"vdeploy run exited {done.returncode}:\n{done.stderr[-3000:]}")
+        logs = sorted((folder / ".vdeploy" / "runs").glob("*/engine.log"))
+        tail = logs[-1].read_text(errors="replace")[-3000:] if logs else ""
+        raise SystemExit(f"vdeploy run exited {done.returncode}:\n{done.stderr[-3000:]}\nvLLM's log ends:\n{tail}")
     first, last = (float(line) for line in done.stdout.split())
     return first - start, end - last
 
