@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 
 from vdeploy import procfs
 from vdeploy.errors import LaunchError
-from vdeploy.launch import check_port_free
+from vdeploy.launch import RUN_PORT_FLOOR, check_port_free, free_loopback_port
 from vdeploy.processes import exit_status, stop_groups
 from vdeploy.plan import Plan
 from vdeploy.records import RunRecord, now, register_live
@@ -179,3 +180,15 @@ def test_a_port_held_by_a_live_run_of_any_project_is_refused_naming_the_run(tmp_
     with pytest.raises(LaunchError, match=f"port 18555 is taken by vdeploy up {record.run_id} of .*other/vdeploy.toml"):
         check_port_free(plan_on(18555), tmp_path / "this")
     check_port_free(plan_on(18556), tmp_path / "this")
+
+
+def test_run_s_own_port_is_free_and_below_the_ephemeral_range():
+    """Outgoing connections take ports from the ephemeral range: a port above its floor that
+    bind(0) hands out can be taken by one before vLLM binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_loopback_port() for _ in range(5)}
+    for port in ports:
+        assert RUN_PORT_FLOOR <= port < low
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    assert len(ports) > 1  # chosen at random, so two runs starting together do not race for one

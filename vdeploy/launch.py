@@ -63,6 +63,7 @@ from vdeploy.records import (
 from vdeploy.status import answers_health
 
 HEALTH_POLL_SECONDS = 0.25
+RUN_PORT_FLOOR = 20000  # `run`'s own ports: above the well-known and registered ones in common use
 STARTUP_LOG_BYTES = 4 << 20  # vLLM says what it chose before it answers; request logs come later
 
 
@@ -183,9 +184,23 @@ def _bind_refusal(plan: Plan) -> str | None:
 
 
 def free_loopback_port() -> int:
-    """A port nothing listens on now, for `run` when neither the manifest nor --port names one."""
+    """A port nothing holds now, for `run` when neither the manifest nor --port names one: taken at
+    random below the kernel's ephemeral range, where no outgoing connection can be holding it by
+    the time vLLM binds (as one may hold a port that bind(0) just handed out)."""
+    import random
     import socket
 
+    ranges = procfs.read_text("/sys/net/ipv4/ip_local_port_range") or ""
+    low = int(ranges.split()[0]) if ranges.split() and ranges.split()[0].isdigit() else 32768
+    candidates = range(RUN_PORT_FLOOR, low) if low - RUN_PORT_FLOOR >= 1000 else range(0)
+    for port in random.sample(candidates, min(len(candidates), 64)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))  # no SO_REUSEADDR: any socket on the port refuses it
+            except OSError:
+                continue
+        if not procfs.listening_inodes(port):
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

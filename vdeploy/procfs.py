@@ -59,7 +59,10 @@ def parse_stat(text: str) -> tuple[str, int, int] | None:
         return None
 
 
-def _read(path: str) -> str | None:
+def read_text(path: str) -> str | None:
+    """A /proc file's text (path under /proc, with or without the prefix); None where unreadable."""
+    if not path.startswith(PROC + "/"):
+        path = PROC + path
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             return handle.read()
@@ -71,7 +74,7 @@ def listening_inodes(port: int) -> set[int]:
     """The inodes of every TCP socket listening on `port`, on any address, IPv4 or IPv6."""
     found = set()
     for table in ("tcp", "tcp6"):
-        text = _read(f"{PROC}/net/{table}")
+        text = read_text(f"{PROC}/net/{table}")
         if text:
             found |= {s.inode for s in parse_tcp_table(text) if s.port == port and s.state == TCP_LISTEN and s.inode}
     return found
@@ -110,7 +113,7 @@ def holders(inodes: set[int], candidates: Iterable[int] | None = None) -> list[i
 
 
 def stat(pid: int) -> tuple[str, int, int] | None:
-    text = _read(f"{PROC}/{pid}/stat")
+    text = read_text(f"{PROC}/{pid}/stat")
     return parse_stat(text) if text else None
 
 
@@ -136,12 +139,12 @@ def is_alive(recorded: ProcessIdentity) -> bool:
 
 
 def boot_id() -> str | None:
-    text = _read(f"{PROC}/sys/kernel/random/boot_id")
+    text = read_text(f"{PROC}/sys/kernel/random/boot_id")
     return text.strip() if text else None
 
 
 def command_line(pid: int, limit: int = 120) -> str | None:
-    raw = _read(f"{PROC}/{pid}/cmdline")
+    raw = read_text(f"{PROC}/{pid}/cmdline")
     if not raw:
         return None
     line = " ".join(part for part in raw.split("\0") if part)
