@@ -44,11 +44,8 @@ RECORDS = 20
 CMD = "import time, sys; print(repr(time.time()), flush=True); time.sleep(1); print(repr(time.time()))"
 
 
-def engine_started(folder: Path) -> tuple[dict, float]:
-    """The newest run record of the folder, and when its vLLM process started (epoch seconds)."""
-    record = json.loads(sorted((folder / ".vdeploy" / "runs").glob("*/record.json"))[-1].read_text())
-    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
-    return record, boot + record["pid_start"] / os.sysconf("SC_CLK_TCK")
+def newest_record(folder: Path) -> dict:
+    return json.loads(sorted((folder / ".vdeploy" / "runs").glob("*/record.json"))[-1].read_text())
 
 
 def epoch(iso: str) -> float:
@@ -59,8 +56,7 @@ def up_once(vdeploy: list[str], folder: Path) -> tuple[float, float]:
     """(`up` → /health answers, vdeploy's share: `up` → vLLM's process start), in seconds."""
     start = time.time()
     healthy = time_to_healthy(vdeploy, folder)
-    _, engine = engine_started(folder)
-    return healthy, engine - start
+    return healthy, epoch(newest_record(folder)["started"]) - start
 
 
 def run_once(vdeploy: list[str], folder: Path) -> tuple[float, float, float]:
@@ -74,8 +70,8 @@ def run_once(vdeploy: list[str], folder: Path) -> tuple[float, float, float]:
         tail = logs[-1].read_text(errors="replace")[-3000:] if logs else ""
         raise SystemExit(f"vdeploy run exited {done.returncode}:\n{done.stderr[-3000:]}\nvLLM's log ends:\n{tail}")
     first, last = (float(line) for line in done.stdout.split())
-    record, engine = engine_started(folder)
-    share = (engine - start) + (first - epoch(record["ready"]))
+    record = newest_record(folder)
+    share = (epoch(record["started"]) - start) + (first - epoch(record["ready"]))
     return first - start, share, end - last
 
 
