@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vdeploy import procfs
-from vdeploy.constants import REDACTED
+from vdeploy.constants import LOCK_NAME, REDACTED
 from vdeploy.errors import LaunchError
 from vdeploy.plan import Plan, redact
 from vdeploy.prepare import Prepared
@@ -134,6 +135,8 @@ def start_record(
         command=command,
     )
     record.save()
+    # The lock it ran beside the record, so the run stays comparable after the project relocks.
+    shutil.copyfile(prepared.manifest.lock_path, record.folder / LOCK_NAME)
     register_live(record)
     return record
 

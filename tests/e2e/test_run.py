@@ -100,6 +100,7 @@ def test_the_openai_client_gets_answers_and_its_exit_code_is_run_s(locked):
     folder = Path(env["VDEPLOY_RUN"])
     assert "client done" in (folder / "command.log").read_text() and "client done" not in (folder / "engine.log").read_text()
     assert "Starting vLLM" in (folder / "engine.log").read_text() and "Starting vLLM" not in started.out() + started.err()
+    assert (folder / "vdeploy.lock").read_bytes() == locked.lock.read_bytes()  # the lock that ran, kept
     assert_run_left_nothing(locked, record)
     listing = json.loads(locked.run_vdeploy("runs", "--json")[1])
     assert listing[-1]["state"] == "exited" and listing[-1]["command_log"] == str(folder / "command.log")
