@@ -1,8 +1,8 @@
 """Run records: what was launched, from which lock, on which machine, and how it ended.
 
 One typed, versioned record per run, read and written only here. A run has a folder beside the
-manifest, `.vdeploy/runs/<run-id>/`, holding `record.json` and the run's logs (`engine.log`,
-and for `vdeploy run` `command.log`). The record's `format` is read first; an older format is
+manifest, `.vdeploy/runs/<run-id>/`, holding `record.json`, the run's logs (`engine.log`, and for
+`vdeploy run` `command.log`) and a copy of the lock that ran (`vdeploy.lock`). The record's `format` is read first; an older format is
 upgraded by one function per version (as pipx does with its metadata), a newer one is refused.
 
 Whether a run is live is never taken from the record alone: the record keeps its processes'
