@@ -3,6 +3,7 @@ of the tiny example."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -33,11 +34,30 @@ def lock_local_folder(root: Path, env: dict[str, str]) -> None:
     """Lock root/ckpt as a local source, which imports its files into root/store."""
     from vdeploy.engine import installed_engine
 
-    manifest = LOCAL_MANIFEST
-    if installed_engine() is None:
-        manifest += '\n[runtime]\nengine = "vllm==0.0.0"\n'
+    # `lock` pins the engine the manifest names: the one installed here, else any.
+    installed = installed_engine()
+    manifest = LOCAL_MANIFEST + f'\n[runtime]\nengine = "{installed.spec if installed else "vllm==0.0.0"}"\n'
     (root / "vdeploy.toml").write_text(manifest)
     timed_vdeploy(["lock", str(root)], env)
+
+
+def file_count_arguments(doc: str) -> argparse.Namespace:
+    """--files (default 1,000) and --runs (default 7), the options of the 1,000-file benchmarks."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=7)
+    return parser.parse_args()
+
+
+def lock_checkpoint_folder(root: Path, files: int, env: dict[str, str]) -> None:
+    """root/ckpt holding `files` small distinct files, nested like a real checkpoint folder,
+    locked as a local source (part-XX/file-NNNN.json, 100 to a folder)."""
+    ckpt = root / "ckpt"
+    for index in range(files):
+        path = ckpt / f"part-{index // 100:02d}" / f"file-{index:04d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'{{"index": {index}}}\n')
+    lock_local_folder(root, env)
 
 
 def copy_tiny_example(folder: Path, build: bool = True) -> None:

@@ -11,38 +11,24 @@ Always exits 0: benchmarks report, tests assert.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
-from bench_cli import cli_env, lock_local_folder, timed_vdeploy
+from bench_cli import cli_env, file_count_arguments, lock_checkpoint_folder, timed_vdeploy
 
 TARGET_SECONDS = 0.1
 
 
-def build_project(root: Path, files: int, env: dict[str, str]) -> None:
-    ckpt = root / "ckpt"
-    for index in range(files):
-        # Nested like a real checkpoint folder, small and distinct.
-        path = ckpt / f"part-{index // 100:02d}" / f"file-{index:04d}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f'{{"index": {index}}}\n')
-    lock_local_folder(root, env)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=7)
-    args = parser.parse_args()
+    args = file_count_arguments(__doc__)
 
     work = Path(tempfile.mkdtemp(prefix="vdeploy-bench-verify-fast-"))
     try:
         env = cli_env(work / "home")
         project = work / "project"
-        build_project(project, args.files, env)
+        lock_checkpoint_folder(project, args.files, env)
         timed_vdeploy(["verify", str(project)], env)  # warm the page cache and the import caches
 
         # Interleaved, so drifting machine load hits both series alike.

@@ -41,6 +41,7 @@ class Change:
     new: Any
     effect: Effect = Effect.UNKNOWN
     detail: str | None = None  # a longer explanation (a text diff), shown under the line
+    shown: tuple[str | None, str | None] | None = None  # how old and new read, when short() would not do
 
     @property
     def changes_outputs(self) -> bool:
@@ -48,10 +49,15 @@ class Change:
 
     def describe(self) -> str:
         if self.old is None:
-            return f"{self.what} added" + ("" if self.new in (True, None) else f": {short(self.new)}")
+            return f"{self.what} added" + ("" if self.new in (True, None) else f": {self._shown(1)}")
         if self.new is None:
-            return f"{self.what} removed" + ("" if self.old is True else f" (was {short(self.old)})")
-        return f"{self.what} changed: {short(self.old)} → {short(self.new)}"
+            return f"{self.what} removed" + ("" if self.old is True else f" (was {self._shown(0)})")
+        return f"{self.what} changed: {self._shown(0)} → {self._shown(1)}"
+
+    def _shown(self, side: int) -> str:
+        if self.shown is not None and self.shown[side] is not None:
+            return str(self.shown[side])
+        return short((self.old, self.new)[side])
 
     def to_json(self) -> dict[str, Any]:
         data = {

@@ -360,6 +360,92 @@ def init(
     say(f"wrote {target}; next: `vdeploy lock {target.parent}`")
 
 
+@app.command()
+def export(
+    format: Annotated[str, typer.Argument(help="k8s | lws | raycluster | compose | systemd", show_default=False)],
+    manifest: ManifestArg = None,
+    output: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Write the files into this folder (default: print k8s/lws/raycluster).")
+    ] = None,
+    image: Annotated[Optional[str], typer.Option("--image", help="The engine image, REPO@sha256:... (default: [runtime] engine-image).")] = None,
+    init_image: Annotated[Optional[str], typer.Option("--init-image", help="Image running `vdeploy fetch/verify` (default: the engine image).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the objects (default: the served model name).")] = None,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", help="Kubernetes namespace (default: kubectl's).")] = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", help="Nodes (default: [serve] nnodes, else 1).")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", help="GPUs per node (default: parallel sizes / nodes).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="lws: mp or ray (must match the lock).")] = None,
+    replicas: Annotated[Optional[int], typer.Option("--replicas", help="lws: how many groups.")] = None,
+    port: PortOption = None,
+    storage_size: Annotated[Optional[str], typer.Option("--storage-size", help="Models volume size (default: 1.2 × the locked bytes).")] = None,
+    startup_timeout: Annotated[Optional[int], typer.Option("--startup-timeout", help="Seconds allowed for loading (default: from the locked bytes).")] = None,
+    master_addr: Annotated[Optional[str], typer.Option("--master-addr", help="systemd, several nodes: the address of node 0.")] = None,
+    venv: Annotated[Optional[str], typer.Option("--venv", help="systemd: where vdeploy and vLLM are installed on each node.")] = None,
+) -> None:
+    """Write the locked deployment for Kubernetes (Deployment, LeaderWorkerSet, RayCluster), compose or systemd."""
+    from vdeploy.errors import ExportError
+    from vdeploy.export import ExportOptions, export as export_documents, load_for_export, write_export
+
+    options = ExportOptions(
+        image=image, init_image=init_image, name=name, namespace=namespace, nodes=nodes, gpus_per_node=gpus_per_node,
+        backend=backend, replicas=replicas, port=port, storage_size=storage_size, startup_timeout=startup_timeout,
+        master_addr=master_addr, venv=venv,
+    )
+    loaded, current, catalogue = load_for_export(manifest)
+    exported = export_documents(format, loaded, current, catalogue, options)
+    if output is None and exported.stream is None:
+        raise ExportError(f"export {format} writes several files ({', '.join(f.path for f in exported.files[:2])}, ...); pass -o DIR")
+    for notice in exported.notices:
+        say(notice)
+    if output is None:
+        typer.echo(exported.stream, nl=False)
+        return
+    written = write_export(exported, output)
+    say(f"wrote {len(written)} file(s) to {output} ({format}, {exported.name}, deployment {current.deployment[:16]})")
+
+
+@app.command("wait-healthy")
+def wait_healthy(
+    url: Annotated[str, typer.Argument(help="The server's base URL, e.g. http://127.0.0.1:8000.")],
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 1800,
+) -> None:
+    """Wait until URL/health answers 200 (systemd's ExecStartPost: "started" means healthy)."""
+    from vdeploy.errors import LaunchError
+    from vdeploy.launch import poll_health
+
+    if not poll_health(url, timeout):
+        raise LaunchError(f"{url.rstrip('/')}/health did not answer 200 within {timeout:.0f} s")
+
+
+@app.command()
+def diff(
+    old: Annotated[Optional[str], typer.Argument(
+        help="A lock, a manifest or project folder, git:REV[:PATH], or a run record.", show_default="git:HEAD",
+    )] = None,
+    new: Annotated[Optional[str], typer.Argument(help="The same kinds of input.", show_default="./vdeploy.lock")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What differs between two deployments, and whether it can change the answers.
+
+    No argument: ./vdeploy.lock against git:HEAD (what is not committed). One: it against
+    ./vdeploy.lock. Exit 0 same, 1 different, 2 error."""
+    from vdeploy.sides import diff_inputs
+
+    try:
+        result = diff_inputs(old, new)
+    except (VdeployError, OSError) as exc:
+        # diff(1)'s codes: 1 means "different", so an unreadable input is 2.
+        if os.environ.get("VDEPLOY_DEBUG"):
+            raise
+        where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+        typer.secho(f"error: {exc.strerror if isinstance(exc, OSError) else exc}{where}", fg="red", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        typer.echo("\n".join(result.render()))
+    raise typer.Exit(0 if result.same else 1)
+
+
 def main() -> None:
     """Entry point: a VdeployError becomes one red line and exit code 1."""
     try:

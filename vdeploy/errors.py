@@ -34,3 +34,15 @@ class EngineError(VdeployError):
 
 class LaunchError(VdeployError):
     """The engine cannot be started, or kept running, from this lock."""
+
+
+class ExportError(VdeployError):
+    """The locked deployment cannot be exported as asked (options, image, topology, names)."""
+
+
+class DiffInputError(VdeployError):
+    """A side of `vdeploy diff` (a file, a folder, a git revision, a run record) cannot be read."""
+
+
+class RegistryError(VdeployError):
+    """An OCI registry refused, or could not be reached for, a push or a pull; or a reference is malformed."""

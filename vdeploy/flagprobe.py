@@ -4,6 +4,8 @@ parser what it accepts, and answers with one JSON document on stdout.
     python -m vdeploy.flagprobe catalogue        every serve flag: names, kind, type, choices, default
     python -m vdeploy.flagprobe parse ARGV...    ARGV parsed (not launched): {"namespace": {...}}
                                                  or {"error": "the parser's one-line message"}
+    python -m vdeploy.flagprobe parse-many JSON  each argv of a JSON list parsed: {"answers": [...]}
+                                                 (importing vLLM takes seconds: pay it once)
 
 It imports only the standard library and vLLM, because it may run in another interpreter than
 vdeploy's (flags.py puts this package on its PYTHONPATH). Parser internals read here are the ones
@@ -49,8 +51,8 @@ VALIDATOR_MODULES = (
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ("catalogue", "parse"):
-        print("usage: python -m vdeploy.flagprobe catalogue | parse ARGV...", file=sys.stderr)
+    if not args or args[0] not in ("catalogue", "parse", "parse-many"):
+        print("usage: python -m vdeploy.flagprobe catalogue | parse ARGV... | parse-many JSON", file=sys.stderr)
         return 2
     # vLLM logs to stdout; keep the real stdout for our one JSON answer and send the rest to stderr.
     answer_stream = os.fdopen(os.dup(1), "w")
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_serve_parser()
     if args[0] == "catalogue":
         answer = {"engine": engine_providing_vllm(), "flags": [describe(a) for a in flag_actions(parser)]}
+    elif args[0] == "parse-many":
+        answer = {"answers": [parse(parser, list(argv)) for argv in json.loads(args[1])]}
     else:
         answer = parse(parser, args[1:])
     write_answer(answer_stream, answer)
@@ -162,7 +166,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
         validate = serve_args_validator()
         if validate is not None:
             validate(namespace)
-    except (ArgvRejected, ValueError, TypeError) as exc:
+    except Exception as exc:  # argparse's, or any of vLLM's own checks (VLLMValidationError is no ValueError)
         return {"error": " ".join(str(exc).split())}
     return {"namespace": {dest: plain(value) for dest, value in sorted(vars(namespace).items())}}
 

@@ -220,6 +220,17 @@ def group_listens_on(pgid: int, port: int) -> bool:
     return bool(procfs.holders(procfs.listening_inodes(port), procfs.group_members(pgid)))
 
 
+def poll_health(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll url/health until it answers 200 (True), alive() turns False or the timeout passes
+    (`vdeploy wait-healthy`, for the exported systemd units)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if answers_health(url):
+            return True
+        time.sleep(HEALTH_POLL_SECONDS)
+    return False
+
+
 # ---- the supervisor -----------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from vdeploy.constants import API_KEY_VARIABLE, REDACTED, SECRET_NAME_RE
+from vdeploy.errors import LaunchError
 from vdeploy.lockfile import LockedEngine, Lock
 from vdeploy.store import Store
 
@@ -38,6 +39,10 @@ PATH_FLAGS = ("ssl-keyfile", "ssl-certfile", "ssl-ca-certs")
 # Flags whose value may change at `up` without a new lock (they never change answers).
 RUNTIME_OVERRIDES = ("host", "port")
 
+# Flags that place one process in a multi-node deployment: where it runs, not what it serves.
+# Topology owns them (`vdeploy export`, and `up --node-rank` on several hosts).
+TOPOLOGY_FLAGS = ("nnodes", "node-rank", "master-addr", "master-port", "headless")
+
 
 @dataclass(frozen=True)
 class Launcher:
@@ -53,6 +58,15 @@ class Launcher:
     @classmethod
     def cli(cls, vllm: str) -> Launcher:
         return cls((vllm, "serve"), model_positional=True)
+
+    @classmethod
+    def for_engine(cls, engine: LockedEngine | None, bin_dir: str = "") -> Launcher:
+        """The launcher on a machine or image where the locked engine is installed in bin_dir ("": on
+        PATH). Only the `vllm` distribution's console script works (engine.find_launcher says why)."""
+        prefix = f"{bin_dir.rstrip('/')}/" if bin_dir else ""
+        if engine is None or engine.distribution == "vllm":
+            return cls.cli(f"{prefix}vllm")
+        return cls.module(f"{prefix}python3" if not bin_dir else f"{prefix}python")
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,82 @@ class Overrides:
             if value is not None:
                 merged[key] = value
         return merged
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where one process sits in a deployment spread over `nodes` machines (vLLM's multiprocessing
+    backend): its rank, and the address and port of rank 0. Runtime facts: never in the lock.
+
+    `node_rank` and `master_addr` may be text an orchestrator fills in (LeaderWorkerSet:
+    "$(LWS_WORKER_INDEX)"). Every rank but 0 runs headless. One node means no topology flags at all.
+    """
+
+    nodes: int = 1
+    node_rank: int | str = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @classmethod
+    def for_node(
+        cls, serve: Mapping[str, Any], node_rank: int | str = 0, master_addr: str | None = None,
+        master_port: int | None = None, nodes: int | None = None,
+    ) -> Topology:
+        """Node `node_rank` of the locked deployment: nnodes (unless given) and master-port (unless
+        given) come from the lock's [serve]; rank and address from where it runs."""
+        nodes = int(serve.get("nnodes", 1)) if nodes is None else nodes
+        port = serve.get("master-port") if master_port is None else master_port
+        topology = cls(nodes, node_rank, master_addr, None if port is None else int(port))
+        problem = topology.problem()
+        if problem is not None:
+            raise LaunchError(problem)
+        return topology
+
+    @property
+    def headless(self) -> bool:
+        return self.node_rank != 0
+
+    def problem(self) -> str | None:
+        """Why this topology cannot run, in one line naming the flag; None when it can."""
+        if self.nodes < 1:
+            return f"--nodes {self.nodes}: a deployment runs on at least one node"
+        if isinstance(self.node_rank, int) and not 0 <= self.node_rank < self.nodes:
+            return f"--node-rank {self.node_rank} is outside 0..{self.nodes - 1} (nnodes = {self.nodes})"
+        if self.nodes > 1 and not self.master_addr:
+            return f"--master-addr is needed: the address of node 0, which all {self.nodes} nodes connect to"
+        return None
+
+    def apply(self, serve: Mapping[str, Any]) -> dict[str, Any]:
+        """[serve] with the lock's topology flags replaced by this node's."""
+        merged = {k: v for k, v in serve.items() if k not in TOPOLOGY_FLAGS}
+        if self.nodes > 1:
+            merged["nnodes"] = self.nodes
+            merged["node-rank"] = self.node_rank
+            merged["master-addr"] = self.master_addr
+            if self.master_port is not None:
+                merged["master-port"] = self.master_port
+            if self.headless:
+                merged["headless"] = True
+        return merged
+
+
+def without_topology(argv: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """argv without the flags Topology and Overrides own (--nnodes ... --headless, --host, --port):
+    what every node of a deployment runs identically."""
+    owned = {f"--{name}" for name in (*TOPOLOGY_FLAGS, *RUNTIME_OVERRIDES)}
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        option = arg.split("=", 1)[0]
+        if option in owned or option == "--no-headless":
+            # headless takes no value; the others take one unless it is glued on with "="
+            skip_value = option not in ("--headless", "--no-headless") and "=" not in arg
+            continue
+        kept.append(arg)
+    return tuple(kept)
 
 
 def is_behaviour_variable(name: str) -> bool:
@@ -184,15 +274,19 @@ def make_plan(
     overrides: Overrides = Overrides(),
     caller_env: Mapping[str, str] | None = None,
     base_dir: PurePath | None = None,
+    topology: Topology | None = None,
 ) -> Plan:
     """The argv and environment `up` will use. A pure function of its arguments.
 
     `store` may name a store on another machine (`Store(PurePosixPath("/models"))`) and
     `launcher` a command there; [serve] is rendered as `catalogue` (None: by TOML types) says.
+    `topology` places the process in a multi-node deployment (None: [serve] as locked).
     """
     from vdeploy.flags import render_serve
 
     serve = overrides.apply(lock.serve)
+    if topology is not None:
+        serve = topology.apply(serve)
     if lock.draft is not None:
         # The draft model runs from its locked snapshot, like the main model.
         draft = {k: v for k, v in serve["speculative-config"].items() if k != "revision"}

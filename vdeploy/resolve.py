@@ -97,6 +97,9 @@ def lock_manifest(
         say("code changes (these files run with trust-remote-code):")
         for change in resolved.code_changes:
             say(f"  {change.describe()}")
+    if update and resolved.previous is not None:
+        for line in update_report(resolved.previous, lock, store):
+            say(line)
     written = write_lock(manifest.lock_path, lock)
     return LockOutcome(
         lock=lock, written=written, moved=resolved.moved, skipped=resolved.skipped,
@@ -284,3 +287,12 @@ def code_changes(before: LockedSource, after: LockedSource) -> list[Change]:
         for path in sorted(old.keys() | new.keys())
         if old.get(path) != new.get(path)
     ]
+
+
+def update_report(previous: Lock, lock: Lock, store: Store) -> list[str]:
+    """What `lock --update` changes, as `vdeploy diff` reports it, texts read from the store."""
+    from vdeploy.diff import diff_locks
+    from vdeploy.sides import StoreTexts
+
+    report = diff_locks(previous, lock, StoreTexts((store.root,)))
+    return ["lock --update changes:", *report.render(headers=False)]

@@ -89,7 +89,7 @@ def answers_health(url: str, timeout: float = HEALTH_REQUEST_SECONDS) -> bool:
     else:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        connection.request("GET", "/health")
+        connection.request("GET", parts.path.rstrip("/") + "/health")
         return connection.getresponse().status == 200
     except (OSError, http.client.HTTPException):
         return False
