@@ -1,4 +1,5 @@
-"""What the benchmarks share: the CLI in a subprocess, timed, and a locked local-folder project."""
+"""What the benchmarks share: the CLI in a subprocess, timed, a locked local-folder project, and a copy
+of the tiny example."""
 
 from __future__ import annotations
 
@@ -87,3 +88,21 @@ def lock_checkpoint_folder(root: Path, files: int, env: dict[str, str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f'{{"index": {index}}}\n')
     lock_local_folder(root, env)
+
+
+def copy_tiny_example(base: Path, build: bool = True) -> Path:
+    """examples/tiny under `base` with its committed lock and the constraints it names
+    (../../constraints, as in the repository); with build, its model built and fetched.
+    Returns the example's folder."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    folder = base / "examples" / "tiny"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vdeploy.toml", "vdeploy.lock"):
+        shutil.copy(root / "examples" / "tiny" / name, folder / name)
+    shutil.copytree(root / "constraints", base / "constraints", dirs_exist_ok=True)
+    if build:
+        subprocess.run([sys.executable, str(root / "examples" / "tiny" / "build_model.py"), str(folder / "model")], check=True)
+        subprocess.run([sys.executable, "-m", "vdeploy", "fetch", str(folder)], check=True, stderr=subprocess.DEVNULL)
+    return folder

@@ -12,7 +12,6 @@ committed lock is used), and launches vLLM once unless --no-launch is given.
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import statistics
 import subprocess
@@ -22,7 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_cli import copy_tiny_example
+
 PLAN_TARGET_SECONDS = 0.3
 SHARE_TARGET = 0.05
 
@@ -68,14 +68,7 @@ def main() -> None:
 
     vdeploy = [sys.executable, "-m", "vdeploy"]
     with tempfile.TemporaryDirectory() as tmp:
-        # The repository's layout: the example may name ../../constraints/engine-cpu.txt.
-        folder = Path(tmp) / "examples" / "tiny"
-        folder.mkdir(parents=True)
-        for name in ("vdeploy.toml", "vdeploy.lock"):
-            shutil.copy(ROOT / "examples" / "tiny" / name, folder / name)
-        shutil.copytree(ROOT / "constraints", Path(tmp) / "constraints")
-        subprocess.run([sys.executable, str(ROOT / "examples" / "tiny" / "build_model.py"), str(folder / "model")], check=True)
-        subprocess.run([*vdeploy, "fetch", str(folder)], check=True, stderr=subprocess.DEVNULL)
+        folder = copy_tiny_example(Path(tmp))
 
         help_seconds = median_wall([*vdeploy, "--help"], folder, args.runs)
         plan_seconds = median_wall([*vdeploy, "plan", str(folder)], folder, args.runs)

@@ -458,6 +458,8 @@ def test_a_run_whose_lock_moved_on(project, recorded, monkeypatch, fake_hub):
     repo, first = recorded
     run = record_run(project, monkeypatch, {})
     ran_from = keep(project, "ran-from.lock")
+    assert (run / "vdeploy.lock").read_bytes() == ran_from.read_bytes()  # a run keeps the lock it ran
+    (run / "vdeploy.lock").unlink()  # as in a run folder from before runs kept it
     second = fake_hub.commit(repo, {"model.safetensors": bytes(range(256)) * 84})
     project.run_vdeploy("lock", "--update")
     report = diff(project, run)

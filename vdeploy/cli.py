@@ -50,10 +50,12 @@ def lock(
     """Resolve the manifest against the Hub and write vdeploy.lock beside it."""
     from vdeploy.changes import render_changes
     from vdeploy.manifest import load_manifest
-    from vdeploy.resolve import lock_manifest
+    from vdeploy.resolve import dtype_warning, lock_manifest
 
     loaded = load_manifest(manifest)
     outcome = lock_manifest(loaded, update=update, say=say, locked=locked)
+    if warning := dtype_warning(loaded):
+        say(warning)
     for line in render_changes(outcome.moved, indent="moved "):
         say(line)
     for check in outcome.skipped:
@@ -127,21 +129,30 @@ def plan(
         typer.echo(prepared.describe())
 
 
+PureOption = Annotated[bool, typer.Option("--pure", help="Drop the caller's unpinned VLLM_*/HF_*/... variables.")]
+NoFetchOption = Annotated[bool, typer.Option("--no-fetch", help="Fail instead of fetching missing files.")]
+DriftOption = Annotated[
+    bool, typer.Option("--allow-engine-drift", help="Run on an engine other than the locked one (recorded).")
+]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Seconds to wait for /health.")]
+
+
 @app.command()
 def up(
     manifest: ManifestArg = None,
     host: HostOption = None,
     port: PortOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything, print the plan, start nothing.")] = False,
-    pure: Annotated[bool, typer.Option("--pure", help="Drop the caller's unpinned VLLM_*/HF_*/... variables.")] = False,
-    no_fetch: Annotated[bool, typer.Option("--no-fetch", help="Fail instead of fetching missing files.")] = False,
-    allow_engine_drift: Annotated[
-        bool, typer.Option("--allow-engine-drift", help="Run on an engine other than the locked one (recorded).")
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Return once /health answers; vLLM runs on (`vdeploy down` stops it).")
     ] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for /health.")] = 900,
+    pure: PureOption = False,
+    no_fetch: NoFetchOption = False,
+    allow_engine_drift: DriftOption = False,
+    timeout: TimeoutOption = 900,
 ) -> None:
     """Verify the store (fetching what it lacks), then launch vLLM from the lock."""
-    from vdeploy.launch import engine_env, launch
+    from vdeploy.launch import engine_env, launch, launch_detached
     from vdeploy.prepare import Options, prepare
 
     options = Options(host=host, port=port, launching=True, allow_engine_drift=allow_engine_drift, fetch=not no_fetch)
@@ -152,24 +163,113 @@ def up(
         engine_env(prepared, os.environ, pure)  # the secrets must be readable, as for a launch
         typer.echo(prepared.describe())
         return
-    raise typer.Exit(launch(prepared, pure, timeout, say))
+    start = launch_detached if detach else launch
+    raise typer.Exit(start(prepared, pure, timeout, say))
+
+
+def split_command(words: list[str], argv: list[str]) -> tuple[Optional[Path], list[str]]:
+    """`run [MANIFEST] [options] -- CMD...`: click drops the `--`, so the raw argv says where CMD starts."""
+    if "--" not in argv:
+        raise typer.BadParameter("put the command after --, as in: vdeploy run examples/tiny -- python eval.py")
+    command = argv[argv.index("--") + 1:]
+    if not command or words[len(words) - len(command):] != command:
+        raise typer.BadParameter("name a command after --, as in: vdeploy run -- python eval.py")
+    before = words[: len(words) - len(command)]
+    if len(before) > 1:
+        raise typer.BadParameter(f"one manifest before --, not {len(before)}: {' '.join(before)}")
+    return (Path(before[0]) if before else None), command
+
+
+@app.command()
+def run(
+    words: Annotated[Optional[list[str]], typer.Argument(metavar="[MANIFEST] -- CMD [ARGS]...", show_default=False)] = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    pure: PureOption = False,
+    no_fetch: NoFetchOption = False,
+    allow_engine_drift: DriftOption = False,
+    timeout: TimeoutOption = 900,
+) -> None:
+    """Serve the deployment, run CMD against it (OPENAI_BASE_URL, ...), stop it; exit with CMD's code."""
+    from vdeploy.launch import check_command, free_loopback_port, run_command
+    from vdeploy.manifest import load_manifest
+    from vdeploy.prepare import Options, prepare
+
+    manifest, command = split_command(list(words or []), sys.argv)
+    check_command(command)
+    serve = load_manifest(manifest).serve
+    # Two runs of different projects never collide: a free loopback port unless one is named.
+    if port is None and "port" not in serve:
+        port = free_loopback_port()
+        host = host or ("127.0.0.1" if "host" not in serve else None)
+    options = Options(host=host, port=port, launching=True, allow_engine_drift=allow_engine_drift, fetch=not no_fetch)
+    prepared = prepare(manifest, options, say=say)
+    for notice in prepared.notices:
+        say(notice)
+    raise typer.Exit(run_command(prepared, command, pure, timeout, say))
+
+
+@app.command()
+def status(
+    manifest: ManifestArg = None,
+    all_projects: Annotated[bool, typer.Option("--all", help="Every project's live deployments on this machine.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """The live deployments started from this project: run id, state, health, pid, URL, uptime."""
+    from vdeploy.status import machine_status, project_status
+
+    if all_projects:
+        rows, where = machine_status(), "this machine"
+    else:
+        from vdeploy.manifest import find_manifest
+
+        found = find_manifest(manifest)  # only where it is: status needs no parse
+        rows, where = project_status(found.parent), str(found)
+    if as_json:
+        emit_json([row.to_json() for row in rows])
+        return
+    if not rows:
+        say(f"no live deployments of {where}")
+    for row in rows:
+        typer.echo(row.describe())
+
+
+@app.command()
+def down(
+    manifest: Annotated[
+        Optional[str], typer.Argument(metavar="[MANIFEST] [RUN-ID]", help="The manifest (default ./vdeploy.toml), then the run.")
+    ] = None,
+    run_id: Annotated[Optional[str], typer.Argument(hidden=True)] = None,
+) -> None:
+    """Stop one live deployment of this project (the only one, or RUN-ID) and complete its record."""
+    from vdeploy.manifest import load_manifest
+    from vdeploy.status import choose_run, stop_run
+
+    if run_id is None and manifest is not None and not Path(manifest).exists():
+        manifest, run_id = None, manifest  # a lone word that is no path is a run id
+    loaded = load_manifest(manifest)
+    record = stop_run(choose_run(loaded.folder, run_id, loaded.path), say)
+    code = "?" if record.exit_code is None else record.exit_code
+    say(f"stopped {record.run_id} (exit {code}; record {record.path})")
 
 
 @app.command()
 def runs(manifest: ManifestArg = None, as_json: JsonOption = False) -> None:
-    """List the run records `vdeploy up` wrote beside this manifest."""
+    """List the run records `up` and `run` wrote beside this manifest (schema: README)."""
     from vdeploy.manifest import load_manifest
-    from vdeploy.records import list_records
+    from vdeploy.records import EXITED, list_records, run_state
 
     records = list_records(load_manifest(manifest).folder)
     if as_json:
-        emit_json([{**r.to_json(), "record": str(r.path)} for r in records])
+        emit_json([r.listing() for r in records])
         return
     if not records:
         say("no runs yet")
     for run in records:
-        code = "running" if run.exit_code is None else f"exit {run.exit_code}"
-        typer.echo(f"{run.started}  {run.deployment[:16]}  {code:>8}  {run.url}  {run.path}")
+        state = run_state(run)
+        if state == EXITED:
+            state = "exited ?" if run.exit_code is None else f"exit {run.exit_code}"
+        typer.echo(f"{run.started}  {run.kind:<3}  {run.deployment[:16]}  {state:>8}  {run.url}  {run.path}")
 
 
 engine_app = typer.Typer(help="The engine: freeze its installed environment for a manifest to pin.", no_args_is_help=True)

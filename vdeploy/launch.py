@@ -1,24 +1,71 @@
-"""Step 6 of the flow: run a prepared deployment as vLLM and record the run.
+"""Step 6 of the flow: run a prepared deployment as vLLM, supervise it, and record the run.
 
-The only module that starts the engine. vLLM runs in its own process group, so stopping `up`
-(Ctrl-C, SIGTERM) stops vLLM and every child it started.
+The only module that starts the engine. `up` (in the foreground or `--detach`ed) and `run`
+share one supervisor, `Supervision`:
+
+- the port is checked before anything starts, and whoever holds it is named;
+- vLLM runs in its own session and process group, its output in the run folder's engine.log;
+- vLLM dies with its supervisor however the supervisor ends (processes.py: the parent-death
+  signal and the watchdog);
+- ready means /health answers 200 *and* the socket listening on the port belongs to the
+  engine's process group, so another server on the port never passes for this vLLM;
+- a stop request (SIGINT, SIGTERM, SIGHUP) is acted on within a poll at any moment: the group
+  gets SIGTERM, processes.STOP_GRACE_SECONDS, then SIGKILL;
+- exit codes: 128 + the signal after a stop request (130, 143, 129), the engine's own code when
+  it ends by itself (128 + N when a signal N ended it), 1 when it never became ready in time,
+  and for `run`, CMD's code; the record always says the same and is completed, even when the
+  launch fails at Popen.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import shlex
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vdeploy.constants import REDACTED
+from vdeploy import procfs
+from vdeploy.constants import LOCK_NAME, REDACTED
 from vdeploy.errors import LaunchError
 from vdeploy.plan import Plan, redact
 from vdeploy.prepare import Prepared
-from vdeploy.records import RunRecord, new_run_id, now, runs_dir
+from vdeploy.processes import (
+    POLL_SECONDS,
+    LogFollower,
+    StopRequests,
+    Tee,
+    Watchdog,
+    arm_parent_death,
+    die_with_parent,
+    exit_status,
+    foreground_terminal,
+    stop_groups,
+    take_terminal,
+)
+from vdeploy.records import (
+    STOP_REQUEST,
+    SUPERVISOR_LOG,
+    CommandRecord,
+    RunRecord,
+    is_live,
+    list_records,
+    new_run_id,
+    now,
+    register_live,
+    registered_records,
+    runs_dir,
+    unregister_live,
+)
+from vdeploy.status import answers_health
 
-STOP_GRACE_SECONDS = 20
-HEALTH_POLL_SECONDS = 0.5
+HEALTH_POLL_SECONDS = 0.25
+RUN_PORT_FLOOR = 20000  # `run`'s own ports: above the well-known and registered ones in common use
+STARTUP_LOG_BYTES = 4 << 20  # vLLM says what it chose before it answers; request logs come later
 
 
 def resolve_secrets(plan: Plan, caller_env: Mapping[str, str], folder: Path) -> dict[str, str]:
@@ -56,9 +103,15 @@ def engine_env(prepared: Prepared, caller_env: Mapping[str, str], pure: bool) ->
     return prepared.plan.child_env(caller_env, pure, secrets)
 
 
-def start_record(prepared: Prepared, env: Mapping[str, str], pure: bool, kind: str = "up") -> RunRecord:
+def start_record(
+    prepared: Prepared, env: Mapping[str, str], pure: bool, kind: str = "up",
+    command: CommandRecord | None = None, detached: bool = False,
+) -> RunRecord:
+    """The run's record, written (and listed machine-wide) before anything starts."""
     import platform
     import socket
+
+    from vdeploy.hardware import read_hardware
 
     plan = prepared.plan
     secrets = plan.secret_variables
@@ -86,78 +139,252 @@ def start_record(prepared: Prepared, env: Mapping[str, str], pure: bool, kind: s
         python=platform.python_version(),
         host=socket.gethostname(),
         platform=platform.platform(),
-        hardware=accelerator_info(env),
+        hardware=read_hardware(env),
+        detached=detached,
+        boot_id=procfs.boot_id(),
+        command=command,
     )
     record.save()
+    # The lock it ran beside the record, so the run stays comparable after the project relocks.
+    shutil.copyfile(prepared.manifest.lock_path, record.folder / LOCK_NAME)
+    register_live(record)
     return record
 
 
-def accelerator_info(env: Mapping[str, str]) -> dict[str, Any]:
-    import platform
-    import shutil
-    import subprocess
+# ---- the port -----------------------------------------------------------------------------
 
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    if env.get("CUDA_VISIBLE_DEVICES") is not None:
-        info["cuda_visible_devices"] = env["CUDA_VISIBLE_DEVICES"]
-    smi = shutil.which("nvidia-smi")
-    if smi:
+
+def port_of(url: str) -> int | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
+
+
+def check_port_free(plan: Plan, project: Path) -> None:
+    """Refuse, naming the holder, a port that a live run (of any project here) or any process holds."""
+    for record in {r.run_id: r for r in [*registered_records(), *list_records(project)]}.values():
+        if not record.completed and port_of(record.url) == plan.port and is_live(record):
+            raise LaunchError(
+                f"port {plan.port} is taken by vdeploy {record.kind} {record.run_id} of {record.manifest} "
+                f"(pid {record.supervisor_pid or record.pid}); stop it with `vdeploy down`, or pass --port"
+            )
+    holder = procfs.describe_holders(plan.port)
+    if holder is None:
+        holder = _bind_refusal(plan)
+    if holder is not None:
+        raise LaunchError(f"port {plan.port} is taken by {holder}; stop it, or pass --port (or set [serve] port)")
+
+
+def _bind_refusal(plan: Plan) -> str | None:
+    """Bind the port as vLLM will (SO_REUSEADDR, the host's family): why it fails, if it does."""
+    import errno
+    import socket
+
+    host = plan.host or ""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
-            info["gpus"] = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return info
+            probe.bind((host, plan.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "a socket vdeploy cannot see (another network namespace or user?)"
+            raise LaunchError(f"cannot listen on {host or '*'}:{plan.port} ({exc.strerror}); pick another --host or --port") from None
+    return None
 
 
-def wait_healthy(plan: Plan, process: Any, timeout: float) -> bool:
-    """Poll /health until it answers 200, the process dies, or the timeout passes."""
-    return poll_health(plan.url, timeout, lambda: process.poll() is None)
+def free_loopback_port() -> int:
+    """A port nothing holds now, for `run` when neither the manifest nor --port names one: taken at
+    random below the kernel's ephemeral range, where no outgoing connection can be holding it by
+    the time vLLM binds (as one may hold a port that bind(0) just handed out)."""
+    import random
+    import socket
+
+    ranges = procfs.read_text("/sys/net/ipv4/ip_local_port_range") or ""
+    low = int(ranges.split()[0]) if ranges.split() and ranges.split()[0].isdigit() else 32768
+    candidates = range(RUN_PORT_FLOOR, low) if low - RUN_PORT_FLOOR >= 1000 else range(0)
+    for port in random.sample(candidates, min(len(candidates), 64)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))  # no SO_REUSEADDR: any socket on the port refuses it
+            except OSError:
+                continue
+        if not procfs.listening_inodes(port):
+            return port
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---- health -------------------------------------------------------------------------------
+
+
+def group_listens_on(pgid: int, port: int) -> bool:
+    """A process of the group holds the socket listening on the port. Where /proc cannot tell
+    (no /proc/net), the answer on the port is taken as the engine's."""
+    if not os.path.exists(f"{procfs.PROC}/net/tcp"):
+        return True
+    return bool(procfs.holders(procfs.listening_inodes(port), procfs.group_members(pgid)))
 
 
 def poll_health(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Poll url/health until it answers 200 (True), alive() turns False or the timeout passes."""
-    import ssl
-    import time
-    import urllib.error
-    import urllib.request
-
-    context = None
-    if url.startswith("https"):
-        # A probe of the server we just started, often with a self-signed certificate.
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    """Poll url/health until it answers 200 (True), alive() turns False or the timeout passes
+    (`vdeploy wait-healthy`, for the exported systemd units)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
-        try:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=2, context=context) as answer:
-                if answer.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
+        if answers_health(url):
+            return True
         time.sleep(HEALTH_POLL_SECONDS)
     return False
 
 
-def stop_group(process: Any, grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM the engine's process group, then SIGKILL whatever is left after the grace period."""
-    import signal
-    import subprocess
+# ---- the supervisor -----------------------------------------------------------------------
 
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+
+class Supervision:
+    """One engine under supervision, from Popen to its completed record."""
+
+    def __init__(self, record: RunRecord, plan: Plan, env: Mapping[str, str], stops: StopRequests,
+                 say: Callable[[str], None]) -> None:
+        self.record, self.plan, self.env, self.stops, self.say = record, plan, env, stops, say
+        self.process: Any = None
+        self.watchdog: Watchdog | None = None
+        self.finished = False
+
+    # -- start
+
+    def start(self) -> None:
+        """Start vLLM. A failure here still completes the record, then says why in one line."""
+        import subprocess
+
+        if self.stops.requested:
+            self.finish(self.stop_code(), self.stopped_by(), "stopped before vLLM started")
+            return
+        record = self.record
+        identity = procfs.identity(os.getpid())
+        record.supervisor_pid, record.supervisor_start = os.getpid(), identity.start if identity else None
+        try:
+            with open(record.engine_log, "ab") as log:
+                self.process = subprocess.Popen(
+                    list(self.plan.argv), env=dict(self.env), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM),
+                )
+            record.pid = self.process.pid  # also the engine's process group
+            started = procfs.identity(self.process.pid)
+            record.pid_start = started.start if started else None
+            record.save()
+            self.watchdog = Watchdog.start(self.process.pid)
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = f"cannot start vLLM ({self.plan.argv[0]}): {getattr(exc, 'strerror', None) or exc}"
+            self.finish(1, None, reason)
+            raise LaunchError(f"{reason}; the run record is {record.path}") from None
+
+    # -- waiting
+
+    def engine_exited(self) -> bool:
+        return self.process is None or self.process.poll() is not None
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once this engine answers /health on its port; otherwise finishes the run and says why."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.finished:
+                return False
+            if self.stops.requested:
+                self.finish(self.stop_code(), self.stopped_by(), "stopped before vLLM was ready")
+                return False
+            if self.engine_exited():
+                code = exit_status(self.process.returncode)
+                reason = f"vLLM exited with code {code} before it was ready"
+                holder = procfs.describe_holders(self.plan.port)
+                if holder:
+                    reason += f" (port {self.plan.port} is held by {holder})"
+                self.finish(code, "engine", reason)
+                return False
+            if time.monotonic() >= deadline:
+                self.finish(1, "timeout", f"vLLM did not answer {self.plan.url}/health within {timeout:.0f} s")
+                return False
+            if answers_health(self.plan.url) and group_listens_on(self.process.pid, self.plan.port):
+                self.record.ready = now()
+                self.record.effective = self.effective_values()
+                self.record.save()
+                return True
+            self.stops.sleep(HEALTH_POLL_SECONDS)
+
+    def wait_engine(self) -> None:
+        """Until the engine exits or a stop request comes; then finishes the run."""
+        while not self.stops.requested and not self.engine_exited():
+            self.stops.sleep(POLL_SECONDS * 5)
+        if self.stops.requested:
+            self.finish(self.stop_code(), self.stopped_by(), None)
+        else:
+            code = exit_status(self.process.returncode)
+            self.finish(code, "engine", f"vLLM exited with code {code}")
+
+    def effective_values(self) -> dict[str, Any]:
+        from vdeploy.enginelog import effective_values
+
+        try:
+            with open(self.record.engine_log, "rb") as log:
+                return effective_values(log.read(STARTUP_LOG_BYTES).decode(errors="replace"))
+        except OSError:
+            return {}
+
+    # -- ending
+
+    def stop_code(self) -> int:
+        return 128 + (self.stops.signum or signal.SIGTERM)
+
+    def stopped_by(self) -> str:
+        requested = self.record.folder / STOP_REQUEST
+        if requested.is_file():
+            return requested.read_text(encoding="utf-8").strip() or "down"
+        return signal.Signals(self.stops.signum or signal.SIGTERM).name
+
+    def finish(self, code: int, stopped_by: str | None, reason: str | None,
+               also: Sequence[tuple[int, Any]] = ()) -> int:
+        """Stop the engine's group (and `also`'s groups), complete the record; the exit code."""
+        if self.finished:
+            return self.record.exit_code if self.record.exit_code is not None else code
+        groups = [*also]
+        if self.process is not None:
+            groups.insert(0, (self.process.pid, self.process))
+        if groups:
+            stop_groups(groups, hurry=lambda: self.stops.count > 1)
+        if self.watchdog is not None:
+            self.watchdog.release()
+        record = self.record
+        if self.process is not None:
+            record.engine_exit_code = exit_status(self.process.returncode) if self.process.returncode is not None else None
+        if not record.ready and not record.effective:
+            record.effective = self.effective_values()
+        record.stopped = now()
+        record.exit_code = code
+        record.stopped_by = stopped_by
+        record.reason = reason
+        record.save()
+        unregister_live(record)
+        self.finished = True
+        return code
+
+
+# ---- up -----------------------------------------------------------------------------------
+
+
+def launch_env(prepared: Prepared, pure: bool, caller_env: Mapping[str, str] | None) -> tuple[Mapping[str, str], dict[str, str]]:
+    """What every launch starts from, once the port is known to be free: the caller's environment
+    and the engine's."""
+    caller_env = os.environ if caller_env is None else caller_env
+    env = engine_env(prepared, caller_env, pure)
+    check_port_free(prepared.plan, prepared.manifest.folder)
+    return caller_env, env
+
+
+def ready_line(plan: Plan) -> str:
+    return f"ready: {plan.url}/v1 serving {plan.served_model_name!r} (deployment {plan.deployment[:16]})"
 
 
 def launch(
@@ -167,52 +394,239 @@ def launch(
     say: Callable[[str], None],
     caller_env: Mapping[str, str] | None = None,
 ) -> int:
-    """Start vLLM, wait for health, forward stop signals, record the run; vLLM's exit code."""
-    import signal
+    """`vdeploy up` in the foreground: vLLM's log on stdout, until it exits or is stopped."""
+    _, env = launch_env(prepared, pure, caller_env)
+    with StopRequests() as stops:
+        record = start_record(prepared, env, pure)
+        session = Supervision(record, prepared.plan, env, stops, say)
+        try:
+            session.start()
+            follower = LogFollower(record.engine_log, sys.stdout.buffer)
+            follower.start()
+            try:
+                if session.wait_ready(health_timeout):
+                    say(f"{ready_line(prepared.plan)}, run {record.run_id}; Ctrl-C stops it")
+                    session.wait_engine()
+            finally:
+                follower.stop()
+        finally:
+            code = session.finish(1, None, "vdeploy itself failed; see its error")
+    if record.reason and record.stopped_by in ("engine", "timeout"):
+        say(f"{record.reason}; its log: {record.engine_log}")
+    return code
+
+
+def launch_detached(
+    prepared: Prepared,
+    pure: bool,
+    health_timeout: float,
+    say: Callable[[str], None],
+    caller_env: Mapping[str, str] | None = None,
+) -> int:
+    """`vdeploy up --detach`: a supervisor of its own (a forked copy of this process, in a new
+    session) starts vLLM and watches it as the foreground `up` would; this process returns once
+    the engine is ready. Until then the supervisor dies with this process (a stop request here is
+    passed on); after, it runs on until `vdeploy down` or the engine's own end."""
+    _, env = launch_env(prepared, pure, caller_env)
+    record = start_record(prepared, env, pure, detached=True)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    try:
+        child = os.fork()
+    except OSError as exc:
+        reason = f"cannot start a supervisor: {exc.strerror}"
+        Supervision(record, prepared.plan, env, StopRequests(), say).finish(1, None, reason)
+        raise LaunchError(f"{reason}; the run record is {record.path}") from None
+    if child == 0:  # pragma: no cover - runs in the forked supervisor; its effects are tested
+        os.close(read_end)
+        _run_detached_supervisor(record, prepared.plan, env, health_timeout, write_end, parent)
+    os.close(write_end)
+    with StopRequests() as stops:
+        answer = _wait_for_supervisor(read_end, child, stops)
+    os.close(read_end)
+    if answer == b"ready":
+        say(f"{ready_line(prepared.plan)}, detached as run {record.run_id}; `vdeploy down {record.run_id}` stops it")
+        return 0
+    _, status = os.waitpid(child, 0)
+    code = exit_status(-os.WTERMSIG(status)) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    from vdeploy.records import read_record
+
+    ended = read_record(record.path)
+    say(f"{ended.reason or 'the supervisor ended'}; its log: {record.engine_log}")
+    return code
+
+
+def _wait_for_supervisor(read_end: int, child: int, stops: StopRequests) -> bytes:
+    """The supervisor's "ready", or b"" when it ended first; a stop request here is passed on."""
+    import select
+
+    passed_on = False
+    answer = b""
+    while True:
+        if stops.requested and not passed_on:
+            os.kill(child, stops.signum or signal.SIGTERM)
+            passed_on = True
+        readable, _, _ = select.select([read_end], [], [], POLL_SECONDS)
+        if readable:
+            chunk = os.read(read_end, 64)
+            if not chunk:
+                return answer
+            answer += chunk
+            if answer == b"ready":
+                return answer
+
+
+def _run_detached_supervisor(record: RunRecord, plan: Plan, env: Mapping[str, str], health_timeout: float,
+                             ready_fd: int, parent: int) -> None:  # pragma: no cover - see launch_detached
+    """The forked supervisor's life: never returns."""
+    code = 1
+    try:
+        os.setsid()
+        # Until ready, a detached start dies with the `up --detach` that asked for it.
+        arm_parent_death(signal.SIGTERM, parent)
+        with open(os.devnull, "rb") as null:
+            os.dup2(null.fileno(), 0)
+        with open(record.folder / SUPERVISOR_LOG, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+
+        def say(line: str) -> None:
+            print(f"{now()} {line}", file=sys.stderr, flush=True)
+
+        with StopRequests() as stops:
+            session = Supervision(record, plan, env, stops, say)
+            try:
+                session.start()
+                if session.wait_ready(health_timeout):
+                    arm_parent_death(0, parent)
+                    os.write(ready_fd, b"ready")
+                    os.close(ready_fd)
+                    say(f"ready: run {record.run_id}")
+                    session.wait_engine()
+            finally:
+                code = session.finish(1, None, "the detached supervisor failed; see supervisor.log")
+            say(f"ended: exit {code}, stopped by {record.stopped_by}: {record.reason or ''}")
+    except BaseException:  # noqa: BLE001 - everything goes to supervisor.log; the process must end here
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+# ---- run ----------------------------------------------------------------------------------
+
+
+def command_env(prepared: Prepared, env: Mapping[str, str], caller_env: Mapping[str, str], record: RunRecord) -> dict[str, str]:
+    """CMD's environment: the caller's, plus where the deployment answers and what it is."""
+    from vdeploy.constants import API_KEY_VARIABLE
+
+    plan = prepared.plan
+    key = env.get(API_KEY_VARIABLE) if API_KEY_VARIABLE in plan.secrets else None
+    return {
+        **caller_env,
+        "OPENAI_BASE_URL": f"{plan.url}/v1",
+        "OPENAI_API_KEY": key or "EMPTY",
+        "VDEPLOY_DEPLOYMENT": plan.deployment,
+        "VDEPLOY_MODEL": plan.served_model_name,
+        "VDEPLOY_RUN": str(record.folder),
+    }
+
+
+def run_command(
+    prepared: Prepared,
+    command: Sequence[str],
+    pure: bool,
+    health_timeout: float,
+    say: Callable[[str], None],
+    caller_env: Mapping[str, str] | None = None,
+) -> int:
+    """`vdeploy run -- CMD`: serve, run CMD against the server, stop the server; CMD's exit code."""
+    caller_env, env = launch_env(prepared, pure, caller_env)
+    with StopRequests() as stops:
+        record = start_record(prepared, env, pure, kind="run",
+                              command=CommandRecord(argv=list(command), cwd=os.getcwd()))
+        session = Supervision(record, prepared.plan, env, stops, say)
+        try:
+            session.start()
+            if session.wait_ready(health_timeout):
+                say(f"{ready_line(prepared.plan)}, run {record.run_id}; running {shlex.join(command)}")
+                _run_against(session, prepared, command, command_env(prepared, env, caller_env, record))
+        finally:
+            code = session.finish(1, None, "vdeploy itself failed; see its error")
+    say(run_ending(record))
+    return code
+
+
+def run_ending(record: RunRecord) -> str:
+    """`run`'s last line: how the run ended, and where to look."""
+    if record.stopped_by in ("engine", "timeout", None):
+        return f"{record.reason}; vLLM's log: {record.engine_log}"
+    if record.stopped_by == "command" and record.command is not None and record.command.exit_code is not None:
+        return f"the command exited with code {record.command.exit_code}; vLLM stopped; record: {record.path}"
+    return f"{record.reason or f'stopped by {record.stopped_by}'}; record: {record.path}"
+
+
+def check_command(command: Sequence[str]) -> None:
+    """CMD must be there before vLLM starts for it (a typo should not cost a minute of start-up)."""
+    import shutil
+
+    if shutil.which(command[0]) is None:
+        where = "on the PATH" if os.sep not in command[0] else "there"
+        raise LaunchError(f"{command[0]}: no executable of that name {where}; check the command after --")
+
+
+def _run_against(session: Supervision, prepared: Prepared, command: Sequence[str], env: Mapping[str, str]) -> None:
+    """Run CMD (its output live here and in command.log) until it, the engine or a stop request ends."""
     import subprocess
 
-    caller_env = os.environ if caller_env is None else caller_env
-    plan = prepared.plan
-    env = engine_env(prepared, caller_env, pure)
-    record = start_record(prepared, env, pure)
-    process = subprocess.Popen(list(plan.argv), env=env, start_new_session=True)
-    record.pid = process.pid  # also the engine's process group id
-    record.save()
-    stopping = {"signal": None}
-
-    def forward(signum: int, _frame: Any) -> None:
-        stopping["signal"] = signum
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    record, stops = session.record, session.stops
+    assert record.command is not None
+    log_fd = os.open(record.command_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # CMD runs in its own process group, so stopping it stops what it started; on a terminal that
+    # group gets the terminal while CMD runs (Ctrl-C and reads reach CMD, as under a shell).
+    terminal = foreground_terminal()
     try:
-        if wait_healthy(plan, process, health_timeout):
-            record.ready = now()
-            record.save()
-            say(f"ready: {plan.url}/v1 serving {plan.served_model_name!r} (deployment {plan.deployment[:16]}); Ctrl-C stops it")
-        elif process.poll() is None and stopping["signal"] is None:
-            say(f"vLLM did not answer {plan.url}/health within {health_timeout:.0f} s; stopping it")
-            stop_group(process)
-        elif stopping["signal"] is None:
-            say(f"vLLM exited with code {process.returncode} before it was ready; its log is above")
-        while process.poll() is None:
+        try:
+            process = subprocess.Popen(
+                list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                process_group=0, preexec_fn=die_with_parent(signal.SIGTERM, terminal),
+            )
+        except OSError as exc:
+            code = 126 if isinstance(exc, PermissionError) else 127
+            session.finish(code, "command", f"cannot run {command[0]!r}: {exc.strerror or exc}")
+            return
+        if terminal is not None:
             try:
-                process.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                if stopping["signal"] is not None:
-                    stop_group(process)
-    finally:
-        stop_group(process, grace=5)  # children that outlive the engine's main process
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        code = process.returncode if process.returncode is not None else 1
-        if code < 0:
-            code = 128 - code
-        record.stopped = now()
-        record.exit_code = code
-        record.stopped_by = signal.Signals(stopping["signal"]).name if stopping["signal"] else None
+                os.tcsetpgrp(terminal, process.pid)
+            except OSError:
+                pass
+        record.command.pid, record.command.started = process.pid, now()
         record.save()
-    return code
+        if session.watchdog is not None:
+            session.watchdog.tell(f"watch {process.pid}")
+        tees = [Tee(process.stdout, sys.stdout.buffer, log_fd), Tee(process.stderr, sys.stderr.buffer, log_fd)]
+        for tee in tees:
+            tee.start()
+        while process.poll() is None and not session.engine_exited() and not stops.requested:
+            time.sleep(POLL_SECONDS / 2)
+        record.command.stopped = now()  # when CMD ended, or was asked to
+        if process.poll() is not None:
+            code, stopped_by, reason = exit_status(process.returncode), "command", None
+        elif stops.requested:
+            code, stopped_by, reason = session.stop_code(), session.stopped_by(), None
+        else:
+            engine_code = exit_status(session.process.returncode)
+            code, stopped_by = engine_code or 1, "engine"
+            reason = f"vLLM exited with code {engine_code} while the command ran; the command was stopped"
+        session.finish(code, stopped_by, reason, also=[(process.pid, process)])
+        record.command.exit_code = exit_status(process.returncode) if process.returncode is not None else None
+        record.save()
+        for tee in tees:
+            tee.join(timeout=5)
+    finally:
+        if terminal is not None:
+            take_terminal(terminal)
+        os.close(log_fd)

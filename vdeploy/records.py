@@ -1,9 +1,14 @@
 """Run records: what was launched, from which lock, on which machine, and how it ended.
 
 One typed, versioned record per run, read and written only here. A run has a folder beside the
-manifest, `.vdeploy/runs/<run-id>/`, holding `record.json` and the run's logs. The record's
-`format` is read first; an older format is upgraded by one function per version (as pipx does
-with its metadata), a newer one is refused.
+manifest, `.vdeploy/runs/<run-id>/`, holding `record.json`, the run's logs (`engine.log`, and for
+`vdeploy run` `command.log`) and a copy of the lock that ran (`vdeploy.lock`). The record's `format` is read first; an older format is
+upgraded by one function per version (as pipx does with its metadata), a newer one is refused.
+
+Whether a run is live is never taken from the record alone: the record keeps its processes'
+identities (pid and start time since boot, and the boot), and `run_state` asks the machine.
+Runs started here and not yet completed are also listed machine-wide under vdeploy's cache
+(`live/`), so `vdeploy status --all` finds every project's.
 """
 
 from __future__ import annotations
@@ -16,12 +21,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vdeploy.atomic import write_atomically
-from vdeploy.constants import RUNS_DIR
+from vdeploy import procfs
+from vdeploy.constants import RUNS_DIR, vdeploy_cache_dir
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2
 RECORD_NAME = "record.json"
 ENGINE_LOG = "engine.log"
+COMMAND_LOG = "command.log"
+SUPERVISOR_LOG = "supervisor.log"  # what a detached supervisor itself said
+STOP_REQUEST = "stop-request"  # written by `vdeploy down` before it signals the supervisor
+LIVE_DIR = "live"
+
+STARTING, RUNNING, EXITED = "starting", "running", "exited"
+
+
+@dataclass
+class CommandRecord:
+    """The experiment `vdeploy run` ran against the deployment."""
+
+    argv: list[str]
+    cwd: str
+    started: str | None = None
+    stopped: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None  # 128+N when a signal N ended it
 
 
 @dataclass
@@ -30,7 +53,7 @@ class RunRecord:
 
     folder: Path  # .vdeploy/runs/<run-id>/, not stored in the file
     run_id: str
-    kind: str  # "up", "run", "check"
+    kind: str  # "up", "run", "check"; an `up --detach` is "up" with detached = true
     deployment: str
     manifest: str
     argv: list[str]
@@ -45,13 +68,21 @@ class RunRecord:
     python: str = ""
     host: str = ""
     platform: str = ""
-    hardware: dict[str, Any] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)  # vdeploy.hardware; its "class" is compared
+    effective: dict[str, Any] = field(default_factory=dict)  # what vLLM chose (vdeploy.enginelog)
+    detached: bool = False
     pid: int | None = None  # the engine's pid, also its process group
+    pid_start: int | None = None  # its start time in clock ticks after boot: a recycled pid differs
+    supervisor_pid: int | None = None  # the vdeploy process that started and watches the engine
+    supervisor_start: int | None = None
+    boot_id: str | None = None
+    command: CommandRecord | None = None  # `vdeploy run`'s CMD
     ready: str | None = None
     stopped: str | None = None
-    exit_code: int | None = None
-    stopped_by: str | None = None  # "SIGINT", "SIGTERM", ...
-    reason: str | None = None  # why a launch failed before the engine answered
+    exit_code: int | None = None  # the supervising command's: 130 SIGINT, 143 SIGTERM, else the engine's or CMD's
+    engine_exit_code: int | None = None  # vLLM's own (128+N when a signal N ended it)
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "down", "command" (CMD ended), "engine" (vLLM ended)
+    reason: str | None = None  # why the run failed or ended, in one line
     format: int = RECORD_FORMAT
 
     @property
@@ -62,18 +93,42 @@ class RunRecord:
     def engine_log(self) -> Path:
         return self.folder / ENGINE_LOG
 
+    @property
+    def command_log(self) -> Path:
+        return self.folder / COMMAND_LOG
+
+    @property
+    def completed(self) -> bool:
+        return self.stopped is not None
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         del data["folder"]
         return data
 
     def save(self) -> None:
+        from vdeploy.atomic import write_atomically  # tempfile: only commands that write pay for it
+
         write_atomically(self.path, (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], folder: Path) -> RunRecord:
         known = {f.name for f in fields(cls)} - {"folder"}
-        return cls(folder=folder, **{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("command"), Mapping):
+            command_fields = {f.name for f in fields(CommandRecord)}
+            values["command"] = CommandRecord(**{k: v for k, v in values["command"].items() if k in command_fields})
+        return cls(folder=folder, **values)
+
+    def listing(self, state: str | None = None) -> dict[str, Any]:
+        """The record as `vdeploy runs --json` and `status --json` print it (schema in the README)."""
+        return {
+            **self.to_json(),
+            "state": state or run_state(self),
+            "record": str(self.path),
+            "engine_log": str(self.engine_log),
+            "command_log": str(self.command_log) if self.command is not None else None,
+        }
 
 
 class RecordError(ValueError):
@@ -123,7 +178,15 @@ def _upgrade_from_0(data: dict[str, Any], path: Path) -> dict[str, Any]:
     return upgraded
 
 
-UPGRADES = [_upgrade_from_0]
+def _upgrade_from_1(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Format 1: `hardware` without a class (CPU name, CPU count, GPU lines): the class is unknown."""
+    upgraded = dict(data)
+    upgraded["hardware"] = {**(data.get("hardware") or {}), "class": None}
+    upgraded["format"] = 2
+    return upgraded
+
+
+UPGRADES = [_upgrade_from_0, _upgrade_from_1]
 
 
 def list_records(project: Path) -> list[RunRecord]:
@@ -149,3 +212,65 @@ def process_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _recorded_alive(pid: int | None, start: int | None) -> bool:
+    if pid is None:
+        return False
+    if start is None:  # a record older than format 2 kept no start time
+        return process_alive(pid)
+    return procfs.is_alive(procfs.ProcessIdentity(pid, start))
+
+
+def is_live(record: RunRecord) -> bool:
+    """Its supervisor or its engine still runs (the very processes recorded, on this boot)."""
+    if record.completed:
+        return False
+    if record.boot_id is not None and record.boot_id != procfs.boot_id():
+        return False
+    return _recorded_alive(record.supervisor_pid, record.supervisor_start) or _recorded_alive(record.pid, record.pid_start)
+
+
+def run_state(record: RunRecord) -> str:
+    """starting / running / exited, from the record and the machine (a record whose processes are
+    gone is exited, whatever it says)."""
+    if not is_live(record):
+        return EXITED
+    return RUNNING if record.ready else STARTING
+
+
+def live_dir() -> Path:
+    return vdeploy_cache_dir() / LIVE_DIR
+
+
+def register_live(record: RunRecord) -> None:
+    """List the run machine-wide until it completes (`status --all`)."""
+    from vdeploy.atomic import write_atomically
+
+    write_atomically(live_dir() / record.run_id, str(record.path.resolve()).encode())
+
+
+def unregister_live(record: RunRecord) -> None:
+    (live_dir() / record.run_id).unlink(missing_ok=True)
+
+
+def registered_records() -> list[RunRecord]:
+    """Every run registered on this machine and not completed; entries whose record completed or
+    vanished are dropped from the registry as they are found."""
+    folder = live_dir()
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return []
+    records = []
+    for entry in entries:
+        try:
+            record = read_record(Path(entry.read_text(encoding="utf-8").strip()))
+        except (OSError, RecordError):
+            entry.unlink(missing_ok=True)
+            continue
+        if record.completed:
+            entry.unlink(missing_ok=True)
+            continue
+        records.append(record)
+    return records

@@ -110,6 +110,16 @@ def lock_manifest(
     )
 
 
+def dtype_warning(manifest: Manifest) -> str | None:
+    """One line when [serve] leaves dtype to vLLM, which picks it per machine (determinism.md)."""
+    if str(manifest.serve.get("dtype", "auto")) != "auto":
+        return None
+    return (
+        f"warning: {manifest.path}: [serve] dtype is not pinned, so vLLM picks it per machine "
+        "(a float32 checkpoint runs as bfloat16 on x86 CPUs); pin it, e.g. dtype = \"bfloat16\""
+    )
+
+
 def resolve(manifest: Manifest, update: bool = False) -> Resolved:
     """The Lock the manifest resolves to now (asking the Hub only for sources not pinned yet)."""
     previous = _previous_lock(manifest)

@@ -142,3 +142,77 @@ def processes_mentioning(text: str) -> list[int]:
         if text in cmdline and int(entry) != os.getpid():
             found.append(int(entry))
     return found
+
+
+@dataclass
+class Background:
+    """A vdeploy command running in the background, its stdout and stderr in files."""
+
+    process: subprocess.Popen
+    stdout: Path
+    stderr: Path
+
+    def out(self) -> str:
+        return self.stdout.read_text(errors="replace")
+
+    def err(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"still running after {timeout} s:\n{self.err()[-3000:]}") from None
+
+
+def start_vdeploy(project, *args: str, env: dict[str, str] | None = None, name: str = "cmd") -> Background:
+    """Start `python -m vdeploy ARGS` in the project folder, stdin closed, output to files."""
+    stdout, stderr = project.folder / f"{name}.out", project.folder / f"{name}.err"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vdeploy", *args], cwd=project.folder, env=project.env(env),
+        stdin=subprocess.DEVNULL, stdout=stdout.open("w"), stderr=stderr.open("w"),
+    )
+    return Background(process, stdout, stderr)
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
+    """condition()'s first truthy value, or an AssertionError naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def run_records(project) -> list[dict]:
+    """Every run record of the project, oldest first."""
+    return [json.loads(p.read_text()) for p in sorted((project.folder / ".vdeploy" / "runs").glob("*/record.json"))]
+
+
+def group_has(pgid: int, text: str) -> bool:
+    """A live process of the group has `text` in its command line (vLLM's "VLLM::EngineCore")."""
+    for pid in processes_in_group(pgid):
+        try:
+            if text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def assert_run_left_nothing(project, record: dict) -> None:
+    """No process of the run's engine group or CMD's group lives, and none runs from the store."""
+    if record.get("pid"):
+        assert processes_in_group(record["pid"]) == [], "vLLM processes outlived vdeploy"
+    if (record.get("command") or {}).get("pid"):
+        assert processes_in_group(record["command"]["pid"]) == [], "CMD's processes outlived `vdeploy run`"
+    assert processes_mentioning(str(project.store)) == [], "a process still runs from the store"
+
+
+def lock_and_fetch(project, timeout: float = 600) -> None:
+    """`vdeploy lock` then `fetch`; lock's first engine probe imports vLLM, slow on a busy machine."""
+    project.run_vdeploy("lock", timeout=timeout)
+    project.run_vdeploy("fetch", timeout=timeout)

@@ -361,7 +361,7 @@ def test_log_requests_and_outputs_show_the_prompt_and_the_answer(served):
 def test_stopping_leaves_no_process_and_no_key_in_the_log_or_run_record(served):
     code = served.running.stop()
     run = served.last_run()
-    assert code == run["exit_code"] and code in (0, 143), served.running.output()[-3000:]
+    assert code == run["exit_code"] == 143, served.running.output()[-3000:]
     assert processes_in_group(run["pid"]) == [], "vLLM processes outlived `vdeploy up`"
     assert processes_mentioning(str(served.project.store)) == [], "a process still runs from the store"
     log = served.running.output()
