@@ -210,6 +210,36 @@ def run(
 
 
 @app.command()
+def check(
+    manifest: ManifestArg = None,
+    record: Annotated[bool, typer.Option("--record", help="Write the answers as the golden ones (vdeploy.golden.json).")] = False,
+    url: Annotated[
+        Optional[str], typer.Option("--url", help="Ask this live server (e.g. from `up --detach`) instead of starting one.")
+    ] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest logprob difference still `same` (0: bit-identical).")] = 0.0,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="Also send the checks N at a time and report how far batched answers move.")
+    ] = 1,
+    pure: PureOption = False,
+    no_fetch: NoFetchOption = False,
+    allow_engine_drift: DriftOption = False,
+    timeout: TimeoutOption = 900,
+    as_json: JsonOption = False,
+) -> None:
+    """Ask the [[check]] prompts and compare the answers with the golden ones; exit 1 naming any that drifted."""
+    from vdeploy.check import CheckOptions, check as run_checks
+
+    options = CheckOptions(url=url, record=record, tolerance=tolerance, concurrency=concurrency, pure=pure,
+                           fetch=not no_fetch, allow_engine_drift=allow_engine_drift, timeout=timeout)
+    report = run_checks(manifest, options, say)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        typer.echo("\n".join(report.render()))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
 def status(
     manifest: ManifestArg = None,
     all_projects: Annotated[bool, typer.Option("--all", help="Every project's live deployments on this machine.")] = False,

@@ -22,6 +22,9 @@ SECRET_NAME_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.I
 SECRET_WORD_RE = re.compile(rf"(?:{SECRET_NAME_RE.pattern})S?(?![A-Z])", re.IGNORECASE)
 REDACTED = "<redacted>"
 
+# vLLM's batch-invariant mode ([runtime] deterministic); it has no command-line flag.
+BATCH_INVARIANT_VARIABLE = "VLLM_BATCH_INVARIANT"
+
 # The variables vdeploy sets for the engine itself, and what sets them; [runtime] env may not.
 OWNED_VARIABLES = {
     "HF_HUB_OFFLINE": "vdeploy always runs the engine offline, from the store",
@@ -31,6 +34,7 @@ OWNED_VARIABLES = {
     "TRANSFORMERS_CACHE": "[store] download-dir (transformers still reads this old name)",
     "HF_HOME": "[store] download-dir (and HF_TOKEN in the shell that runs lock and fetch)",
     API_KEY_VARIABLE: '[serve] api-key = { env = "NAME" } or { file = "path" }',
+    BATCH_INVARIANT_VARIABLE: "[runtime] deterministic = true (which also checks the engine and hardware support it)",
 }
 
 # Linux refuses to start a process with any one argument or NAME=value longer than this

@@ -241,6 +241,9 @@ def compare(old: Side, new: Side, texts: Texts | None = None) -> Diff:
         groups.add(mapping_changes(old.lock.serve, new.lock.serve, SERVE, effect_of=flag_effect))
         groups.add(value_changes(SEED, "seed", old.lock.seed, new.lock.seed, Effect.OUTPUTS))
         groups.add(mapping_changes(old.lock.env, new.lock.env, PINNED_ENV, effect_of=env_effect))
+        groups.add(value_changes(
+            PINNED_ENV, "deterministic", old.lock.deterministic, new.lock.deterministic, Effect.OUTPUTS,
+        ))
         for name in (HARDWARE, INHERITED):
             groups.note(name, "only run records know it", compared=False)
     _engine_changes(old.engine, new.engine, groups)

@@ -55,3 +55,7 @@ class BundleError(VdeployError):
 
 class UsageError(VdeployError):
     """A command-line option has a value no command could use (a port out of range, say)."""
+
+
+class CheckError(VdeployError):
+    """`vdeploy check` cannot ask or compare: no golden file, an unreachable server, a refused request."""

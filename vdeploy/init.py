@@ -21,6 +21,16 @@ from vdeploy.flags import Catalogue, FlagSpec, check_serve
 from vdeploy.manifest import REPO_ID_RE, Checker, parse_manifest
 from vdeploy.selection import loads_pickles
 
+# Checks are operational (no relock needed to add one); `vdeploy check` asks them.
+EXAMPLE_CHECK = """
+# A golden prompt: `vdeploy check --record` keeps its answer (token ids, logprobs) in
+# vdeploy.golden.json; `vdeploy check` then proves the deployment still answers it the same.
+[[check]]
+name = "hello"
+prompt = "Hello, my name is"
+max-tokens = 16
+"""
+
 ENV_ASSIGNMENT_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 
 
@@ -45,6 +55,7 @@ def init_manifest(
         text = f'[model]\nrepo = "{repo}"\nrevision = "main"\n\n[serve]\n\n[runtime]\nseed = 0\nengine = "{engine}"\n'
     else:
         raise ManifestError("init needs --from-command \"vllm serve ...\" or --repo org/name")
+    text = text.rstrip("\n") + "\n" + EXAMPLE_CHECK
     try:
         check_manifest_text(text, target, catalogue)
     except VdeployError as exc:

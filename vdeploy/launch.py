@@ -560,6 +560,58 @@ def run_command(
     return code
 
 
+def serve_during(
+    prepared: Prepared,
+    work: Callable[[RunRecord], Any],
+    doing: str,
+    pure: bool,
+    health_timeout: float,
+    say: Callable[[str], None],
+    caller_env: Mapping[str, str] | None = None,
+    kind: str = "check",
+) -> tuple[int, Any, RunRecord]:
+    """Serve the deployment as `run` does, call work(record) once it is ready (in a thread, while
+    the engine and stop requests are watched), then stop it: (exit code, work's value, record).
+    An exception raised by work is raised here, after the engine is stopped and the record completed."""
+    import threading
+
+    caller_env, env = launch_env(prepared, pure, caller_env)
+    outcome: dict[str, Any] = {}
+
+    def call(record: RunRecord) -> None:
+        try:
+            outcome["value"] = work(record)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread below
+            outcome["error"] = exc
+
+    with StopRequests() as stops:
+        record = start_record(prepared, env, pure, kind=kind)
+        session = Supervision(record, prepared.plan, env, stops, say)
+        try:
+            session.start()
+            if session.wait_ready(health_timeout):
+                say(f"{ready_line(prepared.plan)}, run {record.run_id}; {doing}")
+                thread = threading.Thread(target=call, args=(record,), name=f"vdeploy-{kind}", daemon=True)
+                thread.start()
+                while thread.is_alive() and not session.engine_exited() and not stops.requested:
+                    thread.join(POLL_SECONDS / 2)
+                if not thread.is_alive():
+                    failed = "error" in outcome
+                    session.finish(1 if failed else 0, kind, f"{kind} failed: {outcome['error']}" if failed else None)
+                elif stops.requested:
+                    session.finish(session.stop_code(), session.stopped_by(), None)
+                else:
+                    engine_code = exit_status(session.process.returncode)
+                    session.finish(engine_code or 1, "engine", f"vLLM exited with code {engine_code} during {kind}")
+        finally:
+            code = session.finish(1, None, "vdeploy itself failed; see its error")
+    if "error" in outcome and record.stopped_by == kind:
+        raise outcome["error"]
+    if record.stopped_by != kind:
+        say(run_ending(record))
+    return code, outcome.get("value"), record
+
+
 def run_ending(record: RunRecord) -> str:
     """`run`'s last line: how the run ended, and where to look."""
     if record.stopped_by in ("engine", "timeout", None):

@@ -142,6 +142,7 @@ class Lock:
     env: dict[str, Any] = field(default_factory=dict)  # NAME → value, or a secret's { env = ... } / { file = ... }
     code: tuple[LockedSource, ...] = ()  # other repos that auto_map entries load code from
     draft: LockedSource | None = None  # the draft model of speculative decoding
+    deterministic: bool = False  # [runtime] deterministic: vLLM's batch-invariant mode
     version: int = LOCK_VERSION
 
     @property
@@ -169,6 +170,7 @@ def deployment_id(
     seed: int,
     env: dict[str, Any],
     policy: dict[str, Any],
+    deterministic: bool = False,
 ) -> str:
     """One sha256 over every pinned input that can change what the server answers."""
     pinned = {
@@ -189,6 +191,9 @@ def deployment_id(
         "env": env,
         "policy": policy,
     }
+    if deterministic:
+        # Only when on: every id locked before the key existed stays what it was.
+        pinned["deterministic"] = True
     return sha256_hex(canonical_json(pinned))
 
 
@@ -212,7 +217,8 @@ def build_lock(
     draft = next((s for s in sources if s.role == "draft"), None)
     return Lock(
         deployment=deployment_id(
-            sources, chat_template, engine, serve, manifest.seed, manifest.env, inputs["policy"]
+            sources, chat_template, engine, serve, manifest.seed, manifest.env, inputs["policy"],
+            manifest.deterministic,
         ),
         manifest_hash=manifest.inputs_hash(),
         inputs=inputs,
@@ -225,6 +231,7 @@ def build_lock(
         serve=serve,
         seed=manifest.seed,
         env=dict(sorted(manifest.env.items())),
+        deterministic=manifest.deterministic,
     )
 
 
@@ -249,6 +256,8 @@ def lock_to_data(lock: Lock) -> dict[str, Any]:
             }
         data["engine"] = engine
     data["runtime"] = {"seed": lock.seed, "env": dict(sorted(lock.env.items()))}
+    if lock.deterministic:
+        data["runtime"]["deterministic"] = True
     data["serve"] = dict(sorted(lock.serve.items()))
     for source in (lock.model, lock.tokenizer, lock.draft):
         if source is not None:
@@ -345,6 +354,7 @@ def lock_from_data(
             serve=data.get("serve", {}),
             seed=data["runtime"]["seed"],
             env=data["runtime"].get("env", {}),
+            deterministic=data["runtime"].get("deterministic", False),
             code=tuple(_source_from_data("code", entry, where) for entry in data.get("code", [])),
             draft=sources.get("draft"),
         )
@@ -480,6 +490,8 @@ def check_lock(lock: Lock, path: Path, text: str | None = None) -> None:
         in_tables.fail("runtime", "seed", f"is {_json(lock.seed)}, but [inputs.runtime] has {runtime['seed']}")
     if canonical_json(lock.env) != canonical_json(runtime["env"]):
         in_tables.fail("runtime", "env", "differs from [inputs.runtime] env")
+    if lock.deterministic is not runtime.get("deterministic", False):
+        in_tables.fail("runtime", "deterministic", f"is {_json(lock.deterministic)}, but [inputs.runtime] says otherwise")
     policy = inputs["policy"]
     if loads_pickles(serve) and policy["allow-pickle"] is not True:
         in_tables.fail("serve", "load-format", '"pt" loads pickle weights, but [inputs.policy] allow-pickle is not true')
@@ -491,7 +503,9 @@ def check_lock(lock: Lock, path: Path, text: str | None = None) -> None:
     recorded = sha256_hex(canonical_json(lock.inputs))
     if lock.manifest_hash != recorded:
         raise LockError(f"{path}: manifest {str(lock.manifest_hash)[:16]}… is not the hash of [inputs] ({recorded[:16]}…); {REWRITE}")
-    actual = deployment_id(lock.sources, lock.chat_template, lock.engine, serve, lock.seed, lock.env, policy)
+    actual = deployment_id(
+        lock.sources, lock.chat_template, lock.engine, serve, lock.seed, lock.env, policy, lock.deterministic,
+    )
     if lock.deployment != actual:
         raise LockError(
             f"{path}: deployment {str(lock.deployment)[:16]}… does not match the lock's contents ({actual[:16]}…), "

@@ -59,7 +59,7 @@ TABLE_KEYS: dict[str, tuple[str, ...] | None] = {
     "tokenizer": SOURCE_KEYS,
     "chat-template": ("file", "text"),
     "serve": None,  # any flag; checked against the engine's catalogue elsewhere
-    "runtime": ("seed", "env", "engine", "engine-environment", "engine-image"),
+    "runtime": ("seed", "env", "engine", "engine-environment", "engine-image", "deterministic"),
     "policy": ("trust-remote-code", "allow-pickle"),
     "store": ("download-dir",),
 }
@@ -146,6 +146,8 @@ class Manifest:
     policy: Policy = Policy()
     download_dir: str | None = None  # as written; see store_path()
     draft: SourceSpec | None = None  # the draft model named in [serve] speculative-config
+    deterministic: bool = False  # [runtime] deterministic: vLLM's batch-invariant mode (an input)
+    checks: tuple[CheckSpec, ...] = ()  # [[check]]: golden prompts, operational (not inputs)
 
     @property
     def folder(self) -> Path:
@@ -173,6 +175,7 @@ class Manifest:
         return inputs_record(
             self.sources, self.chat_template.sha256 if self.chat_template else None, self.serve,
             self.seed, self.env, self.engine, environment, self.engine_image, self.policy,
+            self.deterministic,
         )
 
     def inputs_hash(self) -> str:
@@ -189,6 +192,7 @@ def inputs_record(
     engine_environment: dict[str, str] | None,
     engine_image: str | None,
     policy: Policy,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
     """The lock's [inputs]: a manifest's words, in the one form `lock` records and staleness compares."""
     inputs: dict[str, Any] = {source.role: source.requested() for source in sources}
@@ -202,6 +206,9 @@ def inputs_record(
         inputs["runtime"]["engine-environment"] = engine_environment
     if engine_image is not None:
         inputs["runtime"]["engine-image"] = engine_image
+    if deterministic:
+        # Written only when on, so the locks of manifests that never set it keep their bytes.
+        inputs["runtime"]["deterministic"] = True
     inputs["policy"] = {"trust-remote-code": policy.trust_remote_code, "allow-pickle": policy.allow_pickle}
     return inputs
 
@@ -239,6 +246,8 @@ def load_manifest(arg: str | os.PathLike[str] | None = None) -> Manifest:
 def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest:
     """Check the parsed TOML strictly and build the Manifest. Pure, apart from reading the chat template."""
     check = Checker(path, text)
+    data = dict(data)
+    checks = parse_checks(check, data.pop("check", []))
     _check_table_keys(check, data, TABLE_KEYS)
     if "model" not in data:
         check.fail(None, None, "missing [model] table", "add [model] with repo = \"org/name\" or path = \"./folder\"")
@@ -249,6 +258,7 @@ def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest
     runtime = data.get("runtime", {})
     seed, env, engine, engine_image = _parse_runtime(check, runtime)
     engine_environment = _parse_engine_environment(check, runtime.get("engine-environment"))
+    deterministic = _parse_deterministic(check, runtime)
     policy = _parse_policy(check, data.get("policy", {}))
 
     download_dir = data.get("store", {}).get("download-dir")
@@ -269,6 +279,8 @@ def parse_manifest(data: dict[str, Any], path: Path, text: str = "") -> Manifest
         policy=policy,
         download_dir=download_dir,
         draft=_parse_draft(check, serve),
+        deterministic=deterministic,
+        checks=checks,
     )
 
 
@@ -279,7 +291,7 @@ INPUT_TABLES: dict[str, tuple[str, ...] | None] = {
     "draft": SOURCE_KEYS,
     "chat-template": ("sha256",),
     "serve": None,
-    "runtime": ("seed", "env", "engine", "engine-environment", "engine-image"),
+    "runtime": ("seed", "env", "engine", "engine-environment", "engine-image", "deterministic"),
     "policy": ("trust-remote-code", "allow-pickle"),
 }
 
@@ -315,7 +327,12 @@ def check_inputs(inputs: Any, check: Checker) -> dict[str, Any]:
     ):
         check.fail("runtime", "engine-environment", 'must be { file = "...", sha256 = "<64 hex>" }')
     policy = _parse_policy(check, inputs.get("policy", {}))
-    recorded = inputs_record(sources, template_sha256, serve, seed, env, engine, environment, engine_image, policy)
+    deterministic = _parse_deterministic(check, runtime)
+    if runtime.get("deterministic", True) is not True:
+        check.fail("runtime", "deterministic", "is recorded only when true")
+    recorded = inputs_record(
+        sources, template_sha256, serve, seed, env, engine, environment, engine_image, policy, deterministic,
+    )
     if canonical_json(recorded) != canonical_json(inputs):
         check.fail(None, None, "is not what `vdeploy lock` records for these words: it was edited by hand")
     return recorded
@@ -353,6 +370,13 @@ def _parse_runtime(check: Checker, runtime: dict[str, Any]) -> tuple[int, dict[s
             'write it as "registry/repo@sha256:<64 hex>" (a tag can move; a digest cannot)',
         )
     return seed, env, engine, engine_image
+
+
+def _parse_deterministic(check: Checker, runtime: dict[str, Any]) -> bool:
+    deterministic = runtime.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        check.fail("runtime", "deterministic", f"must be true or false, not {deterministic!r}")
+    return deterministic
 
 
 def _parse_env(check: Checker, env: Any) -> dict[str, Any]:
@@ -671,3 +695,126 @@ def locate(lines: list[str], table: str | None, key: str | None) -> int | None:
 
 def _kebab(key: str) -> str:
     return key.strip().strip('"').replace("_", "-").lstrip("-")
+
+
+# ---- [[check]]: golden prompts ---------------------------------------------------------------
+
+CHECK_KEYS = ("name", "prompt", "messages", "max-tokens", "temperature", "logprobs", "seed")
+CHECK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_CHECK_LOGPROBS = 20  # the OpenAI API's top_logprobs limit, which vLLM's chat endpoint keeps
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One [[check]]: a request whose answer `vdeploy check` compares with the golden one."""
+
+    name: str
+    prompt: str | None = None  # completions
+    messages: tuple[tuple[str, str], ...] | None = None  # chat: (role, content)
+    max_tokens: int = 16
+    temperature: float = 0.0
+    logprobs: int = 1
+    seed: int | None = None  # None: [runtime] seed
+
+    @property
+    def endpoint(self) -> str:
+        return "/v1/completions" if self.prompt is not None else "/v1/chat/completions"
+
+
+def parse_checks(check: Checker, tables: Any) -> tuple[CheckSpec, ...]:
+    """[[check]] tables, each checked; one error line names the check, its key and its line."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ManifestError(f"{check.path}: 'check' must be [[check]] tables, each with name and prompt or messages")
+    specs: list[CheckSpec] = []
+    for index, table in enumerate(tables):
+        def fail(key: str | None, what: str, hint: str | None = None) -> NoReturn:
+            raise check_problem(check, index, table, key, what, hint)
+
+        for key in table:
+            if key not in CHECK_KEYS:
+                fail(key, "unknown key", did_you_mean(key, CHECK_KEYS))
+        name = table.get("name")
+        if not isinstance(name, str) or not CHECK_NAME_RE.fullmatch(name):
+            fail("name", f"{name!r} is not a check name" if name is not None else "missing",
+                 'write name = "greeting" (letters, digits, ".", "_", "-")')
+        if any(spec.name == name for spec in specs):
+            fail("name", f"{name!r} names an earlier check too", "give each check its own name")
+        prompt, messages = table.get("prompt"), table.get("messages")
+        if (prompt is None) == (messages is None):
+            fail(None, "set exactly one of prompt (completions) or messages (chat)")
+        if prompt is not None and (not isinstance(prompt, str) or not prompt):
+            fail("prompt", "must be a non-empty string")
+        chat = None
+        if messages is not None:
+            chat = _parse_messages(messages, fail)
+        max_tokens = table.get("max-tokens", 16)
+        if not _is_int(max_tokens) or max_tokens < 1:
+            fail("max-tokens", f"must be a positive integer, not {max_tokens!r}")
+        temperature = table.get("temperature", 0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+            fail("temperature", f"must be a number >= 0, not {temperature!r}")
+        logprobs = table.get("logprobs", 1)
+        if not _is_int(logprobs) or not 0 <= logprobs <= MAX_CHECK_LOGPROBS:
+            fail("logprobs", f"must be an integer from 0 to {MAX_CHECK_LOGPROBS}, not {logprobs!r}")
+        seed = table.get("seed")
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            fail("seed", f"must be a non-negative integer, not {seed!r}", "leave it out to use [runtime] seed")
+        specs.append(CheckSpec(
+            name=name, prompt=prompt, messages=chat, max_tokens=max_tokens, temperature=float(temperature),
+            logprobs=logprobs, seed=seed,
+        ))
+    return tuple(specs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_messages(messages: Any, fail: Any) -> tuple[tuple[str, str], ...]:
+    shape = 'write messages = [{ role = "user", content = "..." }]'
+    if not isinstance(messages, list) or not messages:
+        fail("messages", "must be a non-empty list of { role, content } tables", shape)
+    parsed = []
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            fail("messages", f"message {number} must be {{ role = \"...\", content = \"...\" }}", shape)
+        if message["role"] not in CHAT_ROLES:
+            fail("messages", f"message {number}: role {message['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message["content"], str):
+            fail("messages", f"message {number}: content must be a string")
+        parsed.append((message["role"], message["content"]))
+    return tuple(parsed)
+
+
+def check_problem(
+    check: Checker, index: int, table: dict[str, Any], key: str | None, what: str, hint: str | None = None,
+) -> ManifestError:
+    """file:line: [[check]] NAME key: what; hint. NAME is the check's name, else its position."""
+    line = locate_check(check.lines, index, key)
+    where = f"{check.path}:{line}" if line else str(check.path)
+    name = table.get("name")
+    label = repr(name) if isinstance(name, str) and name else f"#{index + 1}"
+    subject = f"[[check]] {label}" + (f" {key}" if key else "")
+    return ManifestError(f"{where}: {subject}: {what}" + (f"; {hint}" if hint else ""))
+
+
+def locate_check(lines: list[str], index: int, key: str | None) -> int | None:
+    """The 1-based line of key in the index-th [[check]] table (or of its header)."""
+    seen = -1
+    header = None
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            if header is not None:
+                break
+            if re.match(r"^\[\[\s*check\s*\]\]", stripped):
+                seen += 1
+                if seen == index:
+                    header = number
+            continue
+        if header is not None and key is not None:
+            assigned = re.match(r'^("?)([^"=]+?)\1\s*=', stripped)
+            if assigned and assigned.group(2).strip() == key:
+                return number
+    return header

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
-from vdeploy.constants import API_KEY_VARIABLE, REDACTED, SECRET_NAME_RE
+from vdeploy.constants import API_KEY_VARIABLE, BATCH_INVARIANT_VARIABLE, REDACTED, SECRET_NAME_RE
 from vdeploy.errors import LaunchError, LockError, UsageError
 from vdeploy.lockfile import LockedEngine, Lock
 from vdeploy.store import Store
@@ -356,6 +356,8 @@ def make_plan(
         "HF_HUB_CACHE": str(store.root),
         **pinned_env(lock.env),
     }
+    if lock.deterministic:
+        env[BATCH_INVARIANT_VARIABLE] = "1"
     caller_env = caller_env or {}
     secrets = secret_sources(serve, lock.env)
     # A key read from, say, $VLLM_SERVING_AUTH is shown and recorded by name only.
@@ -386,6 +388,8 @@ def format_plan(plan: Plan, sampling_defaults: Mapping[str, Any] | None = None) 
         pinned = len(plan.engine.pins) - 1
         rest = f" with {pinned} more packages pinned" if pinned else ", the rest of its environment not pinned"
         lines.append(f"# engine {plan.engine.spec}{rest}")
+    if plan.env.get(BATCH_INVARIANT_VARIABLE) == "1":
+        lines.append(f"# deterministic: vLLM's batch-invariant mode ({BATCH_INVARIANT_VARIABLE}=1)")
     lines.append("argv:")
     argv = list(plan.argv)
     first = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))

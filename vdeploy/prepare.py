@@ -110,6 +110,8 @@ def prepare(
                 f"note: the lock pins {lock.engine.spec} but not the rest of its environment (torch, transformers, ...); "
                 "the run record keeps what is installed. Pin it with [runtime] engine-environment (`vdeploy engine freeze`)"
             )
+        if lock.deterministic:
+            check_deterministic(manifest, lock, running, caller_env)
         ensure_store(manifest, lock, store, options.fetch, say)
     else:
         drift = engine_drift(lock.engine, running) if running is not None else []
@@ -180,6 +182,23 @@ def sampling_defaults(store: Store, lock: Lock) -> dict[str, Any]:
     if not isinstance(config, dict):
         return {}
     return {k: config[k] for k in SAMPLING_KEYS if k in config}
+
+
+def check_deterministic(manifest: Manifest, lock: Lock, running: InstalledEngine | None, caller_env: Mapping[str, str]) -> None:
+    """[runtime] deterministic is refused, in one line, where the engine or the hardware cannot honour it."""
+    from vdeploy.determinism import batch_invariance_problem
+    from vdeploy.manifest import manifest_problem
+
+    distribution = running.distribution if running is not None else None
+    gpus: list[dict[str, Any]] = []
+    if distribution is None or not distribution.endswith("-cpu"):
+        from vdeploy.hardware import read_hardware
+
+        gpus = read_hardware(caller_env)["gpus"]
+    problem = batch_invariance_problem(distribution, gpus, lock.serve)
+    if problem:
+        raise manifest_problem(manifest, "runtime", "deterministic", f"cannot run here: {problem}",
+                               "remove it (and relock) to serve without it")
 
 
 def check_tls_files(serve: Mapping[str, Any], base_dir: Path) -> None:
