@@ -32,7 +32,7 @@ BAD_MANIFESTS = [
     (
         "unknown-key-far-from-any",
         GOOD_MODEL + '[runtime]\nseed = 1\nzzzzzz = 2\n',
-        "zzzzzz", 5, ["unknown key", "known: engine, engine-environment, engine-image, env, seed"],
+        "zzzzzz", 5, ["unknown key", "known: deterministic, engine, engine-environment, engine-image, env, seed"],
     ),
     (
         "unknown-policy-key",

@@ -1,0 +1,102 @@
+"""`vdeploy check`'s own overhead beyond the server's answer time, on 20 checks (issue 12).
+
+Target: `vdeploy check --url URL` (the whole command: Python start-up, manifest, lock, plan, the
+golden file, 20 requests, the comparison, the report) takes at most 5% longer than the same 20
+requests sent raw, one after another, over urllib (the server's answer time).
+
+Run from the repository root, after scripts/setup:
+    .venv/bin/python benchmarks/check_overhead.py [--runs 5]
+It copies examples/tiny to a temporary folder, builds the model there (the committed lock is used:
+checks need no relock), adds 20 [[check]]s, starts one `vdeploy up --detach`, records the golden
+answers once, then times raw and `check` in turns (so a busy machine slows both alike) and prints
+the medians. One launch of vLLM in all; `vdeploy down` stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench_cli import copy_tiny_example
+
+TARGET_PERCENT = 5
+CHECKS = 20
+PROMPTS = ["Hello", "The capital of", "1 2 3", "Once upon a time", "def main():"]
+
+
+def check_tables() -> str:
+    tables = []
+    for index in range(CHECKS):
+        temperature = "\ntemperature = 1.0" if index % 2 else ""
+        tables.append(f'\n[[check]]\nname = "c{index:02d}"\nprompt = "{PROMPTS[index % len(PROMPTS)]} {index}"'
+                      f"\nmax-tokens = 16{temperature}\n")
+    return "".join(tables)
+
+
+def raw_seconds(url: str, bodies: list[tuple[str, dict]]) -> float:
+    """The server's answer time: the same requests, sent one after another, answers read and parsed."""
+    start = time.perf_counter()
+    for endpoint, body in bodies:
+        request = urllib.request.Request(url + endpoint, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            json.loads(answer.read())
+    return time.perf_counter() - start
+
+
+def check_seconds(vdeploy: list[str], folder: Path, url: str) -> float:
+    start = time.perf_counter()
+    done = subprocess.run([*vdeploy, "check", "--url", url, str(folder)], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"vdeploy check exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    vdeploy = [sys.executable, "-m", "vdeploy"]
+    with tempfile.TemporaryDirectory(prefix="vdeploy-check-bench-") as base:
+        folder = copy_tiny_example(Path(base))
+        with open(folder / "vdeploy.toml", "a") as manifest:
+            manifest.write(check_tables())
+        from vdeploy.check import request_body
+        from vdeploy.manifest import load_manifest
+
+        loaded = load_manifest(folder)
+        bodies = [(spec.endpoint, {"model": "tiny", **request_body(spec, loaded.seed)}) for spec in loaded.checks]
+        from vdeploy.launch import free_loopback_port
+
+        port = free_loopback_port()
+        url = f"http://127.0.0.1:{port}"
+        subprocess.run([*vdeploy, "up", "--detach", "--port", str(port), str(folder)], check=True)
+        try:
+            subprocess.run([*vdeploy, "check", "--record", "--url", url, str(folder)], check=True, capture_output=True)
+            raw_seconds(url, bodies)  # warm: the first answers of a fresh server are slower
+            raws, checks = [], []
+            for _ in range(args.runs):
+                raws.append(raw_seconds(url, bodies))
+                checks.append(check_seconds(vdeploy, folder, url))
+        finally:
+            subprocess.run([*vdeploy, "down", str(folder)], capture_output=True)
+    raw, checked = statistics.median(raws), statistics.median(checks)
+    overhead = 100 * (checked - raw) / raw
+    verdict = "ok" if overhead <= TARGET_PERCENT else "OVER TARGET"
+    print(f"{CHECKS} checks, median of {args.runs} runs on {os.cpu_count()} cores:")
+    print(f"  raw requests (the server's answer time): {raw:.2f} s   (runs: {', '.join(f'{r:.2f}' for r in raws)})")
+    print(f"  vdeploy check --url:                     {checked:.2f} s   (runs: {', '.join(f'{c:.2f}' for c in checks)})")
+    print(f"  check's own overhead: {overhead:.1f}% ({checked - raw:.2f} s)   target <= {TARGET_PERCENT}%   {verdict}")
+
+
+if __name__ == "__main__":
+    main()
