@@ -35,6 +35,8 @@ def documented_deployment_id(data: dict[str, Any]) -> str:
         "env": data["runtime"].get("env", {}),
         "policy": data["inputs"]["policy"],
     }
+    if data["runtime"].get("deterministic"):
+        pinned["deterministic"] = True
     return hashlib.sha256(canonical_json(pinned)).hexdigest()
 
 

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+from lock_edits import edited_lock
 from needs import needs_engine
 
 from vdeploy.check import Against, CheckReport, check_fingerprint, choose_entry, parse_answer, recorded_request
@@ -145,9 +146,21 @@ def test_a_lock_edited_to_turn_deterministic_on_is_refused(project):
     project.write_manifest(MODEL + STORE)
     project.run_vdeploy("lock")
     text = project.lock.read_text()
-    project.lock.write_text(text.replace("[runtime]\n", "[runtime]\ndeterministic = true\n", 1))
+
+    def runtime_only(data):
+        data["runtime"]["deterministic"] = True
+
+    def both(data):
+        runtime_only(data)
+        data["inputs"]["runtime"]["deterministic"] = True
+
+    # the hashes recomputed as FORMAT.md says: only the contents' own checks can object
+    project.lock.write_text(edited_lock(text, runtime_only))
     _, _, err = project.run_vdeploy("plan", expect=1)
-    assert "[runtime] deterministic" in error_line(err)
+    assert "[runtime] deterministic: is true, but [inputs.runtime] says otherwise" in error_line(err)
+    project.lock.write_text(edited_lock(text, both))
+    _, _, err = project.run_vdeploy("plan", expect=1)
+    assert "stale" in error_line(err) and "runtime.deterministic" in error_line(err)
 
 
 def test_the_variable_is_set_by_deterministic_not_by_env(tmp_path):
