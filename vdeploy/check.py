@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vdeploy.errors import CheckError
 from vdeploy.golden import (
@@ -30,7 +30,11 @@ from vdeploy.golden import (
     read_golden,
     write_golden,
 )
+from vdeploy.lockfile import Lock
 from vdeploy.manifest import CheckSpec, Manifest
+
+if TYPE_CHECKING:
+    from vdeploy.prepare import Prepared
 
 REQUEST_TIMEOUT = 300  # seconds for one answer; a loaded CPU is slow, not dead
 DEPLOYMENT_RE = re.compile(r"[0-9a-f]{64}")
@@ -297,7 +301,9 @@ def check(manifest_arg: str | os.PathLike[str] | None, options: CheckOptions,
     return CheckReport(golden_path, lock.deployment, hardware, url, False, verdicts, against, answers.load, run)
 
 
-def _ask_started(manifest_arg: Any, manifest: Manifest, options: CheckOptions, say: Callable[[str], None]):
+def _ask_started(
+    manifest_arg: str | os.PathLike[str] | None, manifest: Manifest, options: CheckOptions, say: Callable[[str], None],
+) -> tuple[Answers, str, str, Prepared]:
     """Start the deployment (on a free loopback port unless [serve] names one), ask, stop it."""
     from vdeploy.launch import free_loopback_port, serve_during
     from vdeploy.prepare import Options, prepare
@@ -318,10 +324,10 @@ def _ask_started(manifest_arg: Any, manifest: Manifest, options: CheckOptions, s
     )
     if answers is None:
         raise CheckError(f"no answers: the deployment ended first (exit {code}); its record: {record.path}")
-    return answers, record.hardware.get("class"), str(record.folder), prepared
+    return answers, str(record.hardware.get("class")), str(record.folder), prepared
 
 
-def api_key(prepared: Any) -> str | None:
+def api_key(prepared: Prepared) -> str | None:
     """The key the server wants, read where the manifest says ([serve] api-key), as `up` reads it."""
     from vdeploy.constants import API_KEY_VARIABLE
 
@@ -342,7 +348,7 @@ def check_fingerprint(fingerprint: str | None, deployment: str, url: str) -> Non
         )
 
 
-def choose_entry(golden: Golden, lock: Any, hardware: str) -> Against:
+def choose_entry(golden: Golden, lock: Lock, hardware: str) -> Against:
     """The golden entry to compare with: this deployment's, on this hardware class if recorded;
     else the recorded deployment whose lock differs least from this one (diff's changes)."""
     recorded = tuple(sorted(golden.deployments))
@@ -360,7 +366,7 @@ def choose_entry(golden: Golden, lock: Any, hardware: str) -> Against:
     return Against(chosen, hardware_chosen, chosen == lock.deployment, recorded, classes, changes)
 
 
-def _lock_changes(golden: Golden, deployment: str, lock: Any) -> list[str] | None:
+def _lock_changes(golden: Golden, deployment: str, lock: Lock) -> list[str] | None:
     """diff's lines for the recorded lock against this one, None when the file holds no readable lock."""
     from vdeploy.diff import diff_locks
     from vdeploy.lockfile import lock_from_data
