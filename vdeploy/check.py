@@ -34,6 +34,7 @@ from vdeploy.lockfile import Lock
 from vdeploy.manifest import CheckSpec, Manifest
 
 if TYPE_CHECKING:
+    from vdeploy.plan import Plan
     from vdeploy.prepare import Prepared
 
 REQUEST_TIMEOUT = 300  # seconds for one answer; a loaded CPU is slow, not dead
@@ -268,18 +269,16 @@ def check(manifest_arg: str | os.PathLike[str] | None, options: CheckOptions,
     golden = Golden() if options.record and not golden_path.exists() else read_golden(golden_path)
     if options.url is not None:
         from vdeploy.hardware import read_hardware
-        from vdeploy.prepare import Options, prepare
 
-        prepared = prepare(manifest_arg, Options(), say=say)
-        asker = Asker(options.url, prepared.plan.served_model_name, api_key(prepared), prepared.lock.seed)
+        lock, plan = _planned_elsewhere(manifest)
+        asker = Asker(options.url, plan.served_model_name, api_key(plan, manifest), lock.seed)
         answers = ask_checks(asker, manifest.checks, options.concurrency)
-        check_fingerprint(answers.fingerprint, prepared.lock.deployment, options.url)
+        check_fingerprint(answers.fingerprint, lock.deployment, options.url)
         hardware, run = read_hardware(os.environ)["class"], None
         url = options.url
     else:
         answers, hardware, run, prepared = _ask_started(manifest_arg, manifest, options, say)
-        url = prepared.plan.url
-    lock = prepared.lock
+        lock, url = prepared.lock, prepared.plan.url
     if options.record:
         from vdeploy.lockfile import lock_to_data
 
@@ -316,7 +315,7 @@ def _ask_started(
                                              allow_engine_drift=options.allow_engine_drift), say=say)
     for notice in prepared.notices:
         say(notice)
-    asker = Asker(prepared.plan.url, prepared.plan.served_model_name, api_key(prepared), prepared.lock.seed)
+    asker = Asker(prepared.plan.url, prepared.plan.served_model_name, api_key(prepared.plan, manifest), prepared.lock.seed)
     doing = f"asking {len(manifest.checks)} check(s)"
     code, answers, record = serve_during(
         prepared, lambda record: ask_checks(asker, manifest.checks, options.concurrency), doing,
@@ -327,15 +326,26 @@ def _ask_started(
     return answers, str(record.hardware.get("class")), str(record.folder), prepared
 
 
-def api_key(prepared: Prepared) -> str | None:
+def _planned_elsewhere(manifest: Manifest) -> tuple[Lock, Plan]:
+    """The lock (current, checked) and its plan for a server this command does not start: the
+    plan's served model name and secrets are all --url needs, so no engine is looked up here."""
+    from vdeploy.lockfile import check_lock_is_current
+    from vdeploy.plan import Launcher, make_plan
+    from vdeploy.store import Store
+
+    lock = check_lock_is_current(manifest)
+    return lock, make_plan(lock, Store(manifest.store_path()), Launcher.cli("vllm"), None, base_dir=manifest.folder)
+
+
+def api_key(plan: Plan, manifest: Manifest) -> str | None:
     """The key the server wants, read where the manifest says ([serve] api-key), as `up` reads it."""
     from vdeploy.constants import API_KEY_VARIABLE
 
-    if API_KEY_VARIABLE not in prepared.plan.secrets:
+    if API_KEY_VARIABLE not in plan.secrets:
         return None
     from vdeploy.launch import resolve_secrets
 
-    return resolve_secrets(prepared.plan, os.environ, prepared.manifest.folder).get(API_KEY_VARIABLE)
+    return resolve_secrets(plan, os.environ, manifest.folder).get(API_KEY_VARIABLE)
 
 
 def check_fingerprint(fingerprint: str | None, deployment: str, url: str) -> None:
