@@ -81,3 +81,14 @@ def effective_values(log: str) -> dict[str, Any]:
             except ValueError:
                 continue
     return values
+
+
+# A worker loads its part of the model only once torch.distributed's group is formed, and every
+# node joins that group through node 0 (--master-addr): on a headless node, which answers no
+# /health, this line in its own log is the sign it joined (vLLM 0.32 logs it from each worker).
+JOINED_LINE = re.compile(r"Model loading took ")
+
+
+def has_joined(log: str) -> bool:
+    """A worker of this engine has joined the deployment's process group (and loaded its part)."""
+    return JOINED_LINE.search(log) is not None
