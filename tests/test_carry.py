@@ -8,22 +8,16 @@ test_registry.py; these are the command's: a project's lock and store on each si
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 
-from registry_server import RegistryServer, htpasswd_auth, registry_binary
+from registry_server import htpasswd_auth
 from store_tree import tree
-from test_bundle import Bundled, assert_nothing_restored, bundle, commit_repos, error_line, locked_project, write_project
+from test_bundle import CONFIG, assert_nothing_restored, bundle, commit_repos, safetensors, error_line, locked_project, write_project
+from test_registry import start as started
 
-NEEDS_REGISTRY = "docker-registry is not installed (apt-get install docker-registry; .ci/run installs it)"
 SECRET = "s3cret-pass-9c1f"
-
-
-def started(folder: Path, **options) -> RegistryServer:
-    if registry_binary() is None:
-        pytest.skip(NEEDS_REGISTRY)
-    return RegistryServer(folder, **options).__enter__()
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +113,12 @@ def test_a_different_lock_in_the_folder_is_refused_in_one_line_before_the_store_
 
 def test_a_blob_corrupted_in_the_registry_is_refused_with_nothing_in_the_store(make_project, fake_hub, registry, tmp_path):
     # Its own model: the registry stores a blob once for every repository, and this test damages one.
-    own = commit_repos(fake_hub, "test/carry-corrupt")
+    own = ("test/carry-corrupt", "test/carry-corrupt-tok")
+    fake_hub.commit(own[0], {"config.json": CONFIG, "model.safetensors": safetensors("a", 256, os.urandom(16))})
+    fake_hub.commit(own[1], {"tokenizer.json": b'{"vocab": {"c": 0}}\n'})
     origin = locked_project(make_project("corrupt-source"), own)
     reference, _ = push(origin, f"{registry.host}/carry/corrupt:v1")
-    weights = next(origin.store.rglob("model-00001-of-00002.safetensors")).resolve()  # the blob, named by its sha256
+    weights = next(origin.store.rglob("model.safetensors")).resolve()  # the blob, named by its sha256
     stored = registry.blob_file("sha256:" + weights.name)
     stored.write_bytes(b"X" + stored.read_bytes()[1:])
 

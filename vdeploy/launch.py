@@ -309,7 +309,7 @@ class Supervision:
                 self.finish(code, "engine", reason)
                 return False
             if time.monotonic() >= deadline:
-                waited = "join rank 0 (no worker loaded the model)" if headless else f"answer {self.plan.url}/health"
+                waited = "join node 0 (no worker started loading the model)" if headless else f"answer {self.plan.url}/health"
                 self.finish(1, "timeout", f"vLLM did not {waited} within {timeout:.0f} s")
                 return False
             if self.joined() if headless else (

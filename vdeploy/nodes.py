@@ -18,7 +18,8 @@ from vdeploy.errors import UsageError
 from vdeploy.plan import TOPOLOGY_FLAGS, Plan, Topology
 
 HEAD_WAIT = "/health answers 200"
-# What `up` waits for on a headless node (launch.Supervision, enginelog.has_joined).
+# What `up` waits for on a headless node (launch.Supervision, enginelog.has_joined): its log says a
+# worker is loading the model, which it does only once the process group with node 0 is formed.
 JOINED_WAIT = "its engine joined node 0"
 
 
