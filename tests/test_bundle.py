@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from lock_edits import edited_lock
+
 from store_tree import tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -443,8 +445,14 @@ def replace_lock(copy: Path, edit) -> None:
 
 def test_a_lock_that_disagrees_with_the_manifest_layers_is_refused(bundled, target, tmp_path):
     copy = damaged_copy(bundled, tmp_path)
-    # the lock now pins other bytes for config.json than the layer the manifest lists
-    replace_lock(copy, lambda lock: lock.replace(sha256(CONFIG).encode(), sha256(b"other").encode()))
+    # the lock now pins other bytes for config.json than the layer the manifest lists, and
+    # agrees with itself (its deployment id recomputed), so only the layers can catch it
+    def other_config(data):
+        for file in data["model"]["files"]:
+            if file["path"] == "config.json":
+                file["sha256"] = file["blob"] = sha256(b"other")
+
+    replace_lock(copy, lambda lock: edited_lock(lock.decode(), other_config).encode())
     _, _, err = target.run_vdeploy("unbundle", copy, target.folder, expect=1)
     assert "disagree with the lock it carries (at config.json)" in error_line(err)
     assert_nothing_restored(target)

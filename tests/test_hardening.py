@@ -12,20 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import tomli_w
 
+from lock_edits import documented_deployment_id, edited_lock
 from vdeploy.engine import installed_engine
 from vdeploy.errors import LockError, ManifestError
 from vdeploy.flags import check_serve, render_serve
-from vdeploy.lockfile import LOCK_VERSION, read_lock
-from vdeploy.manifest import OPERATIONAL_FLAGS, canonical_json, load_manifest
+from vdeploy.lockfile import read_lock
+from vdeploy.manifest import canonical_json, load_manifest
 from vdeploy.plan import Launcher, make_plan
 from vdeploy.launch import resolve_secrets
 from vdeploy.store import Store
@@ -101,39 +100,10 @@ def snapshot(project) -> Path:
 # ---- a lock edited the way an attacker would: contents changed, both hashes recomputed ------------
 
 
-def documented_deployment_id(data: dict[str, Any]) -> str:
-    """The deployment id as lockfiles/FORMAT.md defines it, computed from the lock's own tables."""
-    sources = [dict(data[role], role=role) for role in ("model", "tokenizer", "draft") if role in data]
-    sources += [dict(entry, role="code") for entry in data.get("code", [])]
-    engine = data["engine"]
-    pins = dict(engine.get("environment", {}).get("pins", {}))
-    pins[re.sub(r"[-_.]+", "-", engine["distribution"]).lower()] = engine["version"]
-    pinned = {
-        "format": LOCK_VERSION,
-        "sources": [
-            {"role": s["role"], "repo": s.get("repo"), "commit": s["commit"],
-             "files": [[f["path"], f["sha256"]] for f in s["files"]]}
-            for s in sources
-        ],
-        "chat-template": data.get("chat-template", {}).get("sha256"),
-        "engine": [engine["distribution"], engine["version"], sorted(pins.items()), engine.get("image")],
-        "serve": {k: v for k, v in data["serve"].items() if k not in OPERATIONAL_FLAGS},
-        "seed": data["runtime"]["seed"],
-        "env": data["runtime"].get("env", {}),
-        "policy": data["inputs"]["policy"],
-    }
-    return hashlib.sha256(canonical_json(pinned)).hexdigest()
-
-
 def rewrite_lock(project, change: Callable[[dict[str, Any]], None], rehash: bool = True) -> None:
     """Edit vdeploy.lock by hand: change its tables, then (rehash) recompute `manifest` and
     `deployment` so that only the checks of the contents themselves can catch the edit."""
-    data = tomllib.loads(project.lock.read_text())
-    change(data)
-    if rehash:
-        data["manifest"] = hashlib.sha256(canonical_json(data["inputs"])).hexdigest()
-        data["deployment"] = documented_deployment_id(data)
-    project.lock.write_text(tomli_w.dumps(data))
+    project.lock.write_text(edited_lock(project.lock.read_text(), change, rehash))
 
 
 def test_the_documented_deployment_id_is_the_one_lock_writes(locked):

@@ -164,7 +164,7 @@ def test_lock_update_shows_code_changes_in_their_own_section_before_writing(proj
         "extra_code.py": b"x = 1\n",
     })
     _, _, err = project.run_vdeploy("lock", "--update")
-    section = err[err.index("code changes"):err.index("wrote")]
+    section = err[err.index("remote code: changes outputs"):err.index("wrote")]
     for expected in ("extra_code.py added", "configuration_tiny.py removed", "modeling_tiny.py changed"):
         assert expected in section
 

@@ -48,7 +48,6 @@ def lock(
     ] = False,
 ) -> None:
     """Resolve the manifest against the Hub and write vdeploy.lock beside it."""
-    from vdeploy.changes import render_changes
     from vdeploy.manifest import load_manifest
     from vdeploy.resolve import dtype_warning, lock_manifest
 
@@ -56,8 +55,6 @@ def lock(
     outcome = lock_manifest(loaded, update=update, say=say, locked=locked)
     if warning := dtype_warning(loaded):
         say(warning)
-    for line in render_changes(outcome.moved, indent="moved "):
-        say(line)
     for check in outcome.skipped:
         say(f"skipped: {check}")
     if update and not outcome.moved:

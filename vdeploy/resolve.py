@@ -95,14 +95,15 @@ def lock_manifest(
                 {s.role: s.path for s in manifest.sources if s.is_local}, say=lambda line: None,
             )
         keep_blobs(store, [s for s in lock.sources if not s.is_local], resolved.small_files)
-        if resolved.code_changes:
-            # Code that will run is shown on its own, before the lock that pins it is written.
-            say("code changes (these files run with trust-remote-code):")
-            for change in resolved.code_changes:
-                say(f"  {change.describe()}")
+        # What moved, and code that will run, is shown before the lock that pins it is written:
+        # on --update as `vdeploy diff` reports it (code diffs included), else the code on its own.
         if update and resolved.previous is not None:
             for line in update_report(resolved.previous, lock, store):
                 say(line)
+        elif resolved.code_changes:
+            say("code changes (these files run with trust-remote-code):")
+            for change in resolved.code_changes:
+                say(f"  {change.describe()}")
         written = write_lock(manifest.lock_path, lock)
     return LockOutcome(
         lock=lock, written=written, moved=resolved.moved, skipped=resolved.skipped,
