@@ -72,6 +72,7 @@ def test_a_node_that_cannot_be_is_refused_in_one_line(two_node, args, message):
     assert message in error_line(err)
 
 
+@needs_engine  # without one, `up` stops before the store: no engine to launch
 def test_up_dry_run_for_a_node_verifies_its_store_first(two_node):
     _, _, err = two_node.run_vdeploy("up", "--dry-run", "--no-fetch", "--node-rank", "1", "--master-addr", "10.0.0.1", expect=1)
     assert "does not match the lock" in error_line(err)
