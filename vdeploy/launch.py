@@ -291,7 +291,7 @@ class Supervision:
 
     def wait_ready(self, timeout: float) -> bool:
         """True once this engine answers /health on its port (on a headless node, which serves
-        nothing: once its engine has joined rank 0); otherwise finishes the run and says why."""
+        nothing: once its engine has joined node 0); otherwise finishes the run and says why."""
         headless = "--headless" in self.plan.argv
         deadline = time.monotonic() + timeout
         while True:
@@ -405,7 +405,7 @@ def ready_line(plan: Plan) -> str:
     node = node_facts(plan.argv)
     if node is not None and node["headless"]:
         head = f"{node['master_addr']}" + (f":{node['master_port']}" if node["master_port"] else "")
-        return f"joined: node {node['rank']} of {node['nodes']} (headless) joined node 0 at {head} (deployment {plan.deployment[:16]})"
+        return f"joined: node {node['rank']} of {node['nodes']} (headless) works with node 0 at {head} (deployment {plan.deployment[:16]})"
     where = f" as node 0 of {node['nodes']}" if node is not None else ""
     return f"ready: {plan.url}/v1 serving {plan.served_model_name!r}{where} (deployment {plan.deployment[:16]})"
 

@@ -103,7 +103,8 @@ def prepare(
     """
     caller_env = os.environ if caller_env is None else caller_env
     manifest, lock = load_locked(manifest_arg)
-    topology = node_topology(lock.serve, options.node_rank, options.master_addr)  # a node that cannot be is refused before the store is touched
+    # A node that cannot be is refused before the store is touched.
+    topology = node_topology(lock.serve, options.node_rank, options.master_addr)
     store = Store(manifest.store_path())
     running = installed_engine()
     notices = []
