@@ -177,3 +177,13 @@ def test_push_refuses_a_store_that_lacks_a_locked_file_in_one_line(source, targe
     _, _, err = target.run_vdeploy("push", f"{registry.host}/carry/empty:v1", expect=1)
     assert "run `vdeploy fetch` first" in error_line(err)
     assert registry.blob_uploads("carry/empty") == []
+
+
+def test_pull_into_a_folder_without_a_manifest_is_one_line_and_writes_nothing(target, registry, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _, _, err = target.run_vdeploy("pull", f"{registry.host}/carry/first:v1", empty, expect=1)
+    assert "vdeploy.toml" in error_line(err)
+    assert list(empty.iterdir()) == []
+    code, _, err = target.run_vdeploy("push", "a", "b", "c", expect=2)
+    assert "one manifest and one reference" in err
