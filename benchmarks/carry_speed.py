@@ -14,10 +14,8 @@ Always exits 0: benchmarks report, tests assert.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -25,18 +23,13 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from bench_cli import build_store, cli_env, timed_vdeploy  # noqa: E402
-from registry_server import RegistryServer, registry_binary  # noqa: E402
-from registry_speed import TARGET_FACTOR, skopeo, timed  # noqa: E402
+from registry_server import RegistryServer  # noqa: E402
+from registry_speed import report, size_arguments, skopeo, timed, tools_missing  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--shard-mb", type=int, default=256)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    if registry_binary() is None or shutil.which("skopeo") is None:
-        print("needs docker-registry and skopeo (apt-get install docker-registry skopeo); nothing measured")
+    args = size_arguments(__doc__).parse_args()
+    if tools_missing():
         return
     with tempfile.TemporaryDirectory(prefix="vdeploy-carry-bench-") as tmp:
         root = Path(tmp)
@@ -77,14 +70,8 @@ def main() -> None:
                 theirs.stop()
                 for path in (root / f"ours-{run}", root / f"theirs-{run}", target, root / "pulled-skopeo"):
                     shutil.rmtree(path, ignore_errors=True)
-        print(f"\nmedians over {args.runs} runs, {size / 2**30:.2f} GiB over loopback (target: vdeploy <= {TARGET_FACTOR}x skopeo)")
-        for step in ("push", "pull"):
-            ours_s, theirs_s = statistics.median(times[f"{step} vdeploy"]), statistics.median(times[f"{step} skopeo"])
-            ratio = ours_s / theirs_s
-            verdict = "ok" if ratio <= TARGET_FACTOR else "MISSED"
-            print(f"{step}: vdeploy {ours_s:.2f} s (the command, store to registry / registry to store), "
-                  f"skopeo {theirs_s:.2f} s (layout): {ratio:.2f}x, target <= {TARGET_FACTOR}x {verdict}")
-
+        # vdeploy's side is the command (store to registry, registry to store); skopeo's the bundle's layout.
+        report(times, size, args.runs, lambda seconds: f"{seconds:.2f} s")
 
 if __name__ == "__main__":
     main()
