@@ -64,15 +64,37 @@ def skopeo(*args: str) -> None:
         raise SystemExit(f"skopeo {' '.join(args)} failed:\n{done.stderr}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def size_arguments(doc: str) -> argparse.ArgumentParser:
+    """--shards, --shard-mb and --runs, the options of the registry benchmarks."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--shard-mb", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=4, help="vdeploy's parallel transfers")
-    args = parser.parse_args()
+    return parser
+
+
+def tools_missing() -> bool:
     if registry_binary() is None or shutil.which("skopeo") is None:
         print("needs docker-registry and skopeo (apt-get install docker-registry skopeo); nothing measured")
+        return True
+    return False
+
+
+def report(times: dict[str, list[float]], size: int, runs: int, describe) -> None:
+    """Medians of "push vdeploy", "push skopeo", "pull vdeploy", "pull skopeo", each ratio beside the target."""
+    print(f"\nmedians over {runs} runs, {size / 2**30:.2f} GiB over loopback (target: vdeploy <= {TARGET_FACTOR}x skopeo)")
+    for step in ("push", "pull"):
+        ours_s, theirs_s = statistics.median(times[f"{step} vdeploy"]), statistics.median(times[f"{step} skopeo"])
+        ratio = ours_s / theirs_s
+        verdict = "ok" if ratio <= TARGET_FACTOR else "MISSED"
+        print(f"{step}: vdeploy {describe(ours_s)}, skopeo {describe(theirs_s)}: {ratio:.2f}x, target <= {TARGET_FACTOR}x {verdict}")
+
+
+def main() -> None:
+    parser = size_arguments(__doc__)
+    parser.add_argument("--jobs", type=int, default=4, help="vdeploy's parallel transfers")
+    args = parser.parse_args()
+    if tools_missing():
         return
 
     with tempfile.TemporaryDirectory(prefix="vdeploy-registry-bench-") as tmp:
@@ -108,16 +130,7 @@ def main() -> None:
                 theirs.stop()
                 for path in (root / f"ours-{run}", root / f"theirs-{run}", root / "pulled-ours", root / "pulled-theirs"):
                     shutil.rmtree(path, ignore_errors=True)
-        print(f"\nmedians over {args.runs} runs, {size / 2**30:.2f} GiB over loopback (target: vdeploy <= {TARGET_FACTOR}x skopeo)")
-        for step in ("push", "pull"):
-            ours_s, theirs_s = statistics.median(times[f"{step} vdeploy"]), statistics.median(times[f"{step} skopeo"])
-            ratio = ours_s / theirs_s
-            verdict = "ok" if ratio <= TARGET_FACTOR else "MISSED"
-            print(
-                f"{step}: vdeploy {ours_s:.2f} s ({size / ours_s / 2**20:.0f} MiB/s), skopeo {theirs_s:.2f} s "
-                f"({size / theirs_s / 2**20:.0f} MiB/s): {ratio:.2f}x, target <= {TARGET_FACTOR}x {verdict}"
-            )
-
+        report(times, size, args.runs, lambda seconds: f"{seconds:.2f} s ({size / seconds / 2**20:.0f} MiB/s)")
 
 if __name__ == "__main__":
     main()

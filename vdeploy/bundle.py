@@ -650,14 +650,14 @@ def _check_project_lock(manifest, opened: OpenedBundle) -> None:
         if lock_path.read_bytes() != opened.lock_bytes:
             raise LockError(
                 f"{lock_path}: differs from the lock in the bundle (deployment {opened.lock.deployment[:16]}); "
-                "unbundle beside the manifest it was made from, or move this lock away"
+                "restore it (unbundle, pull) beside the manifest it was made from, or move this lock away"
             )
         return
     changes = stale_changes(opened.lock, manifest)
     if changes:
         raise LockError(
             f"{manifest.path}: the bundle's lock was made from another manifest ({summarise(changes)}); "
-            "unbundle beside the manifest it was made from"
+            "restore it (unbundle, pull) beside the manifest it was made from"
         )
 
 

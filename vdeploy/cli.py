@@ -107,6 +107,12 @@ def verify(
 
 HostOption = Annotated[Optional[str], typer.Option("--host", help="Bind address (runtime-only; not in the lock).")]
 PortOption = Annotated[Optional[int], typer.Option("--port", help="Port (runtime-only; not in the lock).")]
+NodeRankOption = Annotated[Optional[int], typer.Option(
+    "--node-rank", help="Multi-node: this node's rank, 0 to nnodes-1; ranks but 0 run headless (runtime-only).",
+)]
+MasterAddrOption = Annotated[Optional[str], typer.Option(
+    "--master-addr", help="Multi-node: node 0's address (default: the lock's master-addr; runtime-only).",
+)]
 
 
 @app.command()
@@ -114,12 +120,30 @@ def plan(
     manifest: ManifestArg = None,
     host: HostOption = None,
     port: PortOption = None,
+    node_rank: NodeRankOption = None,
+    master_addr: MasterAddrOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Print the exact argv and environment `vdeploy up` will use (no vLLM import)."""
+    """Print the exact argv and environment `vdeploy up` will use (no vLLM import).
+
+    With --node-rank K: only how node K's plan differs from node 0's."""
     from vdeploy.prepare import Options, prepare
 
-    prepared = prepare(manifest, Options(host=host, port=port))
+    prepared = prepare(manifest, Options(host=host, port=port, node_rank=node_rank, master_addr=master_addr))
+    if node_rank is not None:
+        from vdeploy.changes import render_changes
+        from vdeploy.nodes import rank_changes
+
+        head = prepare(manifest, Options(host=host, port=port, node_rank=0, master_addr=master_addr))
+        changes = rank_changes(head.plan, prepared.plan)
+        if as_json:
+            emit_json({"node_rank": node_rank, "deployment": prepared.plan.deployment,
+                       "changes": [c.to_json() for c in changes]})
+            return
+        nodes = prepared.topology.nodes if prepared.topology else 1
+        typer.echo(f"# node {node_rank} of {nodes} against node 0 (deployment {prepared.plan.deployment[:16]}, the same on every node)")
+        typer.echo("\n".join(render_changes(changes)) if changes else "  no difference")
+        return
     if as_json:
         emit_json(prepared.to_json())
     else:
@@ -147,12 +171,18 @@ def up(
     no_fetch: NoFetchOption = False,
     allow_engine_drift: DriftOption = False,
     timeout: TimeoutOption = 900,
+    node_rank: NodeRankOption = None,
+    master_addr: MasterAddrOption = None,
 ) -> None:
-    """Verify the store (fetching what it lacks), then launch vLLM from the lock."""
+    """Verify the store (fetching what it lacks), then launch vLLM from the lock.
+
+    Multi-node: run `up --node-rank K --master-addr ADDR` on each node; rank 0 serves, the others
+    run headless and are ready once their engine has joined."""
     from vdeploy.launch import engine_env, launch, launch_detached
     from vdeploy.prepare import Options, prepare
 
-    options = Options(host=host, port=port, launching=True, allow_engine_drift=allow_engine_drift, fetch=not no_fetch)
+    options = Options(host=host, port=port, launching=True, allow_engine_drift=allow_engine_drift, fetch=not no_fetch,
+                      node_rank=node_rank, master_addr=master_addr)
     prepared = prepare(manifest, options, say=say)
     for notice in prepared.notices:
         say(notice)
@@ -413,6 +443,55 @@ def unbundle(
     if result.lock_written:
         say(f"wrote {result.lock_path}")
     say(f"restored {result.digest} (deployment {result.deployment[:16]}); next: `vdeploy up --no-fetch`")
+
+
+PlainHttpOption = Annotated[
+    bool, typer.Option("--plain-http", help="Allow plain HTTP to a registry that is not on loopback (loopback needs no flag).")
+]
+
+
+@app.command(no_args_is_help=True)
+def push(
+    words: Annotated[list[str], typer.Argument(metavar="[MANIFEST] REGISTRY/REPO[:TAG]", show_default=False)],
+    plain_http: PlainHttpOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Push the deployment's bundle artifact to an OCI registry (blobs it has are not sent); print REGISTRY/REPO@sha256:..."""
+    from vdeploy.carry import push as push_artifact
+
+    if len(words) > 2:
+        raise typer.BadParameter(f"one manifest and one reference, not {len(words)} words: {' '.join(words)}")
+    manifest, reference = (None, words[0]) if len(words) == 1 else (Path(words[0]), words[1])
+    result = push_artifact(manifest, reference, plain_http or None, say)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    pushed = result.pushed
+    say(f"pushed {result.files} files of deployment {result.deployment[:16]}: {pushed.uploaded} blob(s) sent "
+        f"({pushed.uploaded_bytes} bytes), {pushed.already_there} already there")
+    typer.echo(pushed.reference)
+
+
+@app.command(no_args_is_help=True)
+def pull(
+    reference: Annotated[str, typer.Argument(metavar="REF", help="REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...", show_default=False)],
+    folder: Annotated[Optional[Path], typer.Argument(metavar="[DIR]", help="The project: its vdeploy.toml names the store.", show_default=".")] = None,
+    plain_http: PlainHttpOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Pull a pushed deployment into the store, every blob verified, and write its lock if absent (then `up --no-fetch`)."""
+    from vdeploy.carry import pull as pull_artifact
+
+    result = pull_artifact(reference, folder, plain_http or None, say)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    report = result.restored.report
+    say(f"store {result.restored.store}: {report.restored} restored ({report.restored_bytes} bytes), {report.present} already present")
+    if result.restored.lock_written:
+        say(f"wrote {result.restored.lock_path}")
+    say(f"pulled deployment {result.restored.deployment[:16]}; next: `vdeploy up --no-fetch`")
+    typer.echo(result.pulled.reference)
 
 
 @app.command()

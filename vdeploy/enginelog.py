@@ -81,3 +81,15 @@ def effective_values(log: str) -> dict[str, Any]:
             except ValueError:
                 continue
     return values
+
+
+# A worker starts loading its part of the model only once torch.distributed's groups are formed,
+# and every node joins them through node 0 (--master-addr): on a headless node, which answers no
+# /health, one of these lines in its own log is the sign it joined. vLLM 0.32 logs the first from
+# each CPU worker, the second from the first worker of each GPU node.
+JOINED_LINE = re.compile(r"Starting to load model |Model loading took ")
+
+
+def has_joined(log: str) -> bool:
+    """A worker of this engine has joined the deployment's process group (and loaded its part)."""
+    return JOINED_LINE.search(log) is not None

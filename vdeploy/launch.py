@@ -112,6 +112,7 @@ def start_record(
     import socket
 
     from vdeploy.hardware import read_hardware
+    from vdeploy.nodes import node_facts
 
     plan = prepared.plan
     secrets = plan.secret_variables
@@ -140,6 +141,7 @@ def start_record(
         host=socket.gethostname(),
         platform=platform.platform(),
         hardware=read_hardware(env),
+        node=node_facts(plan.argv),
         detached=detached,
         boot_id=procfs.boot_id(),
         command=command,
@@ -288,7 +290,9 @@ class Supervision:
         return self.process is None or self.process.poll() is not None
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once this engine answers /health on its port; otherwise finishes the run and says why."""
+        """True once this engine answers /health on its port (on a headless node, which serves
+        nothing: once its engine has joined node 0); otherwise finishes the run and says why."""
+        headless = "--headless" in self.plan.argv
         deadline = time.monotonic() + timeout
         while True:
             if self.finished:
@@ -305,9 +309,12 @@ class Supervision:
                 self.finish(code, "engine", reason)
                 return False
             if time.monotonic() >= deadline:
-                self.finish(1, "timeout", f"vLLM did not answer {self.plan.url}/health within {timeout:.0f} s")
+                waited = "join node 0 (no worker started loading the model)" if headless else f"answer {self.plan.url}/health"
+                self.finish(1, "timeout", f"vLLM did not {waited} within {timeout:.0f} s")
                 return False
-            if answers_health(self.plan.url) and group_listens_on(self.process.pid, self.plan.port):
+            if self.joined() if headless else (
+                answers_health(self.plan.url) and group_listens_on(self.process.pid, self.plan.port)
+            ):
                 self.record.ready = now()
                 self.record.effective = self.effective_values()
                 self.record.save()
@@ -324,14 +331,22 @@ class Supervision:
             code = exit_status(self.process.returncode)
             self.finish(code, "engine", f"vLLM exited with code {code}")
 
+    def startup_log(self) -> str:
+        try:
+            with open(self.record.engine_log, "rb") as log:
+                return log.read(STARTUP_LOG_BYTES).decode(errors="replace")
+        except OSError:
+            return ""
+
     def effective_values(self) -> dict[str, Any]:
         from vdeploy.enginelog import effective_values
 
-        try:
-            with open(self.record.engine_log, "rb") as log:
-                return effective_values(log.read(STARTUP_LOG_BYTES).decode(errors="replace"))
-        except OSError:
-            return {}
+        return effective_values(self.startup_log())
+
+    def joined(self) -> bool:
+        from vdeploy.enginelog import has_joined
+
+        return has_joined(self.startup_log())
 
     # -- ending
 
@@ -379,12 +394,20 @@ def launch_env(prepared: Prepared, pure: bool, caller_env: Mapping[str, str] | N
     and the engine's."""
     caller_env = os.environ if caller_env is None else caller_env
     env = engine_env(prepared, caller_env, pure)
-    check_port_free(prepared.plan, prepared.manifest.folder)
+    if "--headless" not in prepared.plan.argv:  # a headless node listens on no HTTP port
+        check_port_free(prepared.plan, prepared.manifest.folder)
     return caller_env, env
 
 
 def ready_line(plan: Plan) -> str:
-    return f"ready: {plan.url}/v1 serving {plan.served_model_name!r} (deployment {plan.deployment[:16]})"
+    from vdeploy.nodes import node_facts
+
+    node = node_facts(plan.argv)
+    if node is not None and node["headless"]:
+        head = f"{node['master_addr']}" + (f":{node['master_port']}" if node["master_port"] else "")
+        return f"joined: node {node['rank']} of {node['nodes']} (headless) works with node 0 at {head} (deployment {plan.deployment[:16]})"
+    where = f" as node 0 of {node['nodes']}" if node is not None else ""
+    return f"ready: {plan.url}/v1 serving {plan.served_model_name!r}{where} (deployment {plan.deployment[:16]})"
 
 
 def launch(

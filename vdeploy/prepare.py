@@ -20,7 +20,8 @@ from vdeploy.engine import InstalledEngine, check_engine, describe_drift, engine
 from vdeploy.errors import LaunchError, StoreError
 from vdeploy.lockfile import Lock, check_lock_is_current, remember_parse
 from vdeploy.manifest import Manifest, load_manifest
-from vdeploy.plan import PATH_FLAGS, Overrides, Plan, format_plan, make_plan
+from vdeploy.nodes import node_facts, node_topology
+from vdeploy.plan import PATH_FLAGS, Overrides, Plan, Topology, format_plan, make_plan
 from vdeploy.roots import record_use, using_store
 from vdeploy.store import FetchReport, Store, fetch, verify
 
@@ -46,6 +47,8 @@ class Options:
     launching: bool = False  # up/run/check: the engine must be the locked one and the store verified
     allow_engine_drift: bool = False
     fetch: bool = True  # when launching, fetch what the store lacks
+    node_rank: int | None = None  # multi-node: this node's place (runtime-only, like host and port)
+    master_addr: str | None = None
 
     @property
     def overrides(self) -> Overrides:
@@ -65,9 +68,11 @@ class Prepared:
     plan: Plan
     sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
     notices: tuple[str, ...] = ()  # one-line warnings a command prints before it goes on
+    topology: Topology | None = None  # given by --node-rank / --master-addr; None: [serve] as locked
 
     def to_json(self) -> dict[str, Any]:
         data = self.plan.to_json()
+        data["node"] = node_facts(self.plan.argv)
         data["sampling_defaults"] = dict(self.sampling_defaults)
         data["engine_installed"] = None if self.engine is None else self.engine.to_json()
         data["engine_drift"] = [c.to_json() for c in self.drift]
@@ -98,6 +103,8 @@ def prepare(
     """
     caller_env = os.environ if caller_env is None else caller_env
     manifest, lock = load_locked(manifest_arg)
+    # A node that cannot be is refused before the store is touched.
+    topology = node_topology(lock.serve, options.node_rank, options.master_addr)
     store = Store(manifest.store_path())
     running = installed_engine()
     notices = []
@@ -122,10 +129,10 @@ def prepare(
         # [serve] is checked against the engine that runs, whatever the lock was checked against.
         check_serve(manifest.serve, catalogue, manifest)
         check_tls_files(options.overrides.apply(lock.serve), manifest.folder)
-    plan = make_plan(lock, store, find_launcher(), catalogue, options.overrides, caller_env, manifest.folder)
+    plan = make_plan(lock, store, find_launcher(), catalogue, options.overrides, caller_env, manifest.folder, topology)
     return Prepared(
         manifest=manifest, lock=lock, store=store, engine=running, drift=tuple(drift), catalogue=catalogue,
-        plan=plan, sampling_defaults=sampling_defaults(store, lock), notices=tuple(notices),
+        plan=plan, sampling_defaults=sampling_defaults(store, lock), notices=tuple(notices), topology=topology,
     )
 
 

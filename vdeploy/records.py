@@ -69,6 +69,7 @@ class RunRecord:
     host: str = ""
     platform: str = ""
     hardware: dict[str, Any] = field(default_factory=dict)  # vdeploy.hardware; its "class" is compared
+    node: dict[str, Any] | None = None  # multi-node: rank, nodes, master_addr, master_port, headless (nodes.node_facts)
     effective: dict[str, Any] = field(default_factory=dict)  # what vLLM chose (vdeploy.enginelog)
     detached: bool = False
     pid: int | None = None  # the engine's pid, also its process group
