@@ -621,10 +621,23 @@ def diff(
     raise typer.Exit(0 if result.same else 1)
 
 
+def keep_only_the_command_named(argv: list[str]) -> None:
+    """Typer builds every command's parameters at each start (about 2 ms a command); a call that
+    names a command needs only that one. `vdeploy --help`, shell completion and a name that is not
+    a command keep them all, so their listings and suggestions are whole. The `engine` group always
+    stays, which also keeps the app a group."""
+    if len(argv) < 2 or argv[1].startswith("-") or any(k.startswith("_VDEPLOY_COMPLETE") for k in os.environ):
+        return
+    named = [c for c in app.registered_commands if (c.name or c.callback.__name__.replace("_", "-")) == argv[1]]
+    if named or argv[1] in {group.name for group in app.registered_groups}:
+        app.registered_commands = named
+
+
 def main() -> None:
     """Entry point: a VdeployError becomes one red line and exit code 1."""
     from vdeploy.errors import UsageError
 
+    keep_only_the_command_named(sys.argv)
     try:
         app()
     except VdeployError as exc:
