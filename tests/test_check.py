@@ -1,6 +1,6 @@
 """`vdeploy check` without the engine (issue 12): [[check]] tables and [runtime] deterministic in
 the manifest and the lock, the golden file, and the comparison of answers. The answers themselves
-come from the real engine in tests/e2e/test_check.py.
+come from the real engine in tests/e2e/test_check_served.py.
 """
 
 from __future__ import annotations

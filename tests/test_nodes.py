@@ -1,6 +1,6 @@
 """Multi-node `plan --node-rank` and `up --node-rank`: every node runs the same lock, and only the
 topology flags differ, as the engine's own parser reads them. (A headless node's launch and tensor
-parallel 2 for real: tests/e2e/test_nodes.py.)"""
+parallel 2 for real: tests/e2e/test_nodes_served.py.)"""
 
 from __future__ import annotations
 
