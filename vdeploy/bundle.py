@@ -18,7 +18,6 @@ import json
 import os
 import re
 import secrets
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from vdeploy import oci
 from vdeploy.atomic import write_atomically
-from vdeploy.constants import LOCK_NAME, MANIFEST_NAME, PROJECT_STATE_DIR
+from vdeploy.constants import LOCK_NAME, MANIFEST_NAME, PROJECT_STATE_DIR, to_stderr
 from vdeploy.errors import BundleError, LockError
 from vdeploy.lockfile import Lock, LockedFile, LockedSource, loads_lock
 from vdeploy.manifest import canonical_json, sha256_hex
@@ -57,9 +56,6 @@ _DOC_SUFFIXES = (".md", ".rst", ".pdf", ".png", ".jpg", ".jpeg", ".gif", ".svg",
 _DOC_NAMES = ("readme", "license", "licence", "notice", "copying", ".gitattributes", ".gitignore")
 _REF_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 # ---- the artifact: pure functions of the lock -----------------------------------------------------
@@ -619,7 +615,7 @@ def split_arguments(arguments: list[Path]) -> tuple[list[Path], Path | None]:
     return list(arguments), None
 
 
-def unbundle(arguments: list[Path], say: Callable[[str], None] = _say) -> UnbundleResult:
+def unbundle(arguments: list[Path], say: Callable[[str], None] = to_stderr) -> UnbundleResult:
     """Restore the store of the manifest from a bundle, offline, and write its lock if absent."""
     from vdeploy.lockfile import remember_parse
     from vdeploy.manifest import load_manifest
@@ -675,7 +671,7 @@ def _refuse_missing(opened: OpenedBundle) -> None:
     raise BundleError(f"the bundle lacks {len(missing)} blob(s) ({shown}); nothing was restored: {hint}")
 
 
-def restore(opened: OpenedBundle, store: Store, say: Callable[[str], None] = _say) -> RestoreReport:
+def restore(opened: OpenedBundle, store: Store, say: Callable[[str], None] = to_stderr) -> RestoreReport:
     """Put every file of the bundle's lock into the store, the way `fetch` would have.
 
     Every blob is first staged beside its place and hashed; only when all match are they moved

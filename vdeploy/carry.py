@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vdeploy.constants import to_stderr
 from vdeploy.registry import Pulled, Pushed, parse_reference
 
 TEMP_PREFIX = ".vdeploy-carry-"
 
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ class _TempLayout:
 
 def push(
     manifest_arg: str | os.PathLike[str] | None, reference: str, plain_http: bool | None = None,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = to_stderr,
 ) -> PushResult:
     """Push the locked deployment's bundle artifact to REGISTRY/REPO[:TAG]; blobs there already are not sent."""
     from vdeploy import oci
@@ -97,7 +94,7 @@ def push(
 
 def pull(
     reference: str, folder: str | os.PathLike[str] | None = None, plain_http: bool | None = None,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = to_stderr,
 ) -> PullResult:
     """Pull an artifact into the store of the manifest in `folder` (default: here), verified, and write
     its lock beside the manifest if absent; a different lock there is refused."""

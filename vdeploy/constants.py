@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 MANIFEST_NAME = "vdeploy.toml"
@@ -67,3 +68,9 @@ def is_secret_name(name: str) -> bool:
 def names_a_secret(name: str) -> bool:
     """Whether a variable name says it holds a secret (HF_TOKEN, OPENAI_API_KEY, DB_PASSWORD...)."""
     return SECRET_WORD_RE.search(name) is not None
+
+
+def to_stderr(line: str) -> None:
+    """Where a step's progress lines go when its caller gives no `say`: standard error, so that
+    standard output stays the command's result."""
+    print(line, file=sys.stderr)

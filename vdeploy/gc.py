@@ -15,12 +15,12 @@ import hashlib
 import os
 import re
 import stat
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vdeploy.constants import to_stderr
 from vdeploy.errors import StoreError
 from vdeploy.roots import RootRecord, pins_of, read_placed, read_root, rewrite_placed, roots_dir, store_exclusive, this_host
 from vdeploy.safety import path_problem
@@ -33,9 +33,6 @@ _TEMPLATES = ".locks/vdeploy/chat-templates"
 _VDEPLOY_STAGING = re.compile(r"(?P<blob>[0-9a-f]{40}|[0-9a-f]{64})\.vdeploy-[a-z0-9-]+")
 _PARTIAL = re.compile(r"(?P<blob>[0-9a-f]{40}|[0-9a-f]{64})\.incomplete")
 
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -120,7 +117,7 @@ def store_for(manifest_arg: str | os.PathLike[str] | None, store_arg: Path | Non
     return Store(default_hf_cache())
 
 
-def collect(store: Store, dry_run: bool = False, say: Callable[[str], None] = _say) -> GcReport:
+def collect(store: Store, dry_run: bool = False, say: Callable[[str], None] = to_stderr) -> GcReport:
     """Remove (or, dry, list) what vdeploy placed in the store and no live root pins."""
     report = GcReport(store.root, dry_run)
     if not store.meta_dir.is_dir():

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vdeploy.changes import Change
+from vdeploy.constants import to_stderr
 from vdeploy.engine import InstalledEngine, check_engine, describe_drift, engine_drift, find_launcher, installed_engine
 from vdeploy.errors import LaunchError, StoreError
 from vdeploy.lockfile import Lock, check_lock_is_current, remember_parse
@@ -33,9 +33,6 @@ SAMPLING_KEYS = (
     "presence_penalty", "frequency_penalty", "max_new_tokens",
 )
 
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ def prepare(
     manifest_arg: str | os.PathLike[str] | None,
     options: Options = Options(),
     caller_env: Mapping[str, str] | None = None,
-    say: Callable[[str], None] = _stderr,
+    say: Callable[[str], None] = to_stderr,
 ) -> Prepared:
     """Everything a command needs to show or launch the locked deployment.
 
@@ -146,7 +143,7 @@ def _catalogue(lock: Lock, running: InstalledEngine | None) -> Catalogue | None:
     return load_catalogue(lock.engine.spec, build=False) if lock.engine else None
 
 
-def fetch_for(manifest: Manifest, lock: Lock, store: Store, say: Callable[[str], None] = _stderr) -> FetchReport:
+def fetch_for(manifest: Manifest, lock: Lock, store: Store, say: Callable[[str], None] = to_stderr) -> FetchReport:
     """Fetch everything the lock pins; local folders and the chat template come from the manifest."""
     # The lock becomes a root of the store, and what fetch places is recorded, for `vdeploy gc`.
     with using_store(store, manifest.lock_path, lock):

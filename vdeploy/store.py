@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vdeploy.atomic import write_atomically
+from vdeploy.constants import to_stderr
 from vdeploy.errors import StoreError
 from vdeploy.hashing import sha256_file, sha256_stored_file
 from vdeploy.lockfile import Lock, LockedChatTemplate, LockedFile, LockedSource
@@ -319,7 +319,7 @@ def fetch(
     chat_template: LockedChatTemplate | None = None,
     template_bytes: bytes | None = None,
     local_folders: dict[str, Path] | None = None,
-    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    say: Callable[[str], None] = to_stderr,
 ) -> FetchReport:
     """Put every locked file into the store, verified, and link it into its snapshot."""
     report = FetchReport()
